@@ -34,15 +34,11 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from lsdc.data.contract import load_solution
+    from lsdc.data.contract import load_solution, load_submission
     from lsdc.evaluation.metric import official_score
 
     solution = load_solution(args.solution)
-    if not args.submission.is_file():
-        raise UserError(f"{args.submission}: file not found")
-    submission = pd.read_csv(args.submission)
+    submission = load_submission(args.submission)
     result = official_score(solution, submission).as_dict()
     for key, value in result.items():
         print(f"{key:>18s}  {value:.6f}")

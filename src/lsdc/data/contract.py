@@ -323,6 +323,12 @@ def load_sample_submission(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def load_submission(path: str | Path) -> pd.DataFrame:
+    """Read a submission (row_id + the three probability columns) without judging its values:
+    :func:`lsdc.evaluation.metric.validate_submission` says what the competition would refuse."""
+    return _read_csv(path, ["row_id", *PRED_COLUMNS])
+
+
 def load_solution(path: str | Path) -> pd.DataFrame:
     """Read a solution file (row_id, normal_mild, moderate, severe, sample_weight; one-hot labels)."""
     path = Path(path)

@@ -1,13 +1,659 @@
-"""Stub: being written (see docs/ARCHITECTURE.md)."""
+"""``lsdc synth``: a synthetic competition root whose best possible answer is known.
+
+It writes every file of the real competition folder (CSVs and ``{split}_images/{study_id}/
+{series_id}/{instance_number}.dcm``) from a seed, plus the answer key beside them:
+``oracle_train.csv`` / ``oracle_test.csv`` (the true class probabilities) and
+``solution_test.csv`` (the test labels in the metric's solution format). Images come from the
+phantom of :mod:`lsdc.data.phantom`, labels from the generative model of
+:mod:`lsdc.data.synth_labels`; docs/synthetic.md describes both.
+
+Everything random is drawn from numpy Generators seeded by (seed, split, study index), so a seed
+gives the same bytes on every run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from scipy.spatial.transform import Rotation
+
+from lsdc.data import phantom, synth_labels
+from lsdc.data.contract import (
+    CONDITION_NAMES,
+    CONDITIONS,
+    GRADING_SERIES,
+    LABEL_COLUMNS,
+    LEVEL_NAMES,
+    LEVELS,
+    PRED_COLUMNS,
+    SEVERITIES,
+    all_row_ids,
+    labels_to_solution,
+    write_csv_atomic,
+)
+from lsdc.errors import UserError
+from lsdc.utils import atomic_path
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+ANSWER_FILES: tuple[str, ...] = ("oracle_train.csv", "oracle_test.csv", "solution_test.csv")
+"""Files beside the competition files that hold the answer (no competition file has these names)."""
+
+MANUFACTURERS: tuple[str, ...] = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips Medical Systems")
+
+_SAGITTAL = (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]))
+_AXIAL = (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]))
+
+REALISM_RATES: dict[str, str] = {
+    "missing_series_rate": "share of studies that lack one of their three series",
+    "two_axial_series_rate": "share of studies whose Axial T2 is split into two series",
+    "multi_stack_axial_rate": "share of studies whose one Axial T2 series holds two tilted stacks",
+    "instance_gap_rate": "share of series whose instance numbers have gaps and do not start at 1",
+    "unordered_instances_rate": "share of series whose instance numbers do not follow slice order",
+    "oblique_rate": "share of series with a small in-plane rotation and slightly oblique planes",
+    "matrix_variation_rate": "share of series whose matrix differs from --image-size",
+    "missing_spacing_rate": "share of series without the SpacingBetweenSlices tag",
+    "unlabelled_rate": "share of studies with some unlabelled (NaN) findings",
+}
+"""Realism switches: each is a rate; 0 turns the feature off."""
 
 
+@dataclass
+class SynthConfig:
+    """What ``lsdc synth`` writes.
+
+    Attributes:
+        train_studies / test_studies: number of studies per split.
+        seed: the one source of randomness; the same seed gives the same bytes.
+        image_size: default matrix (rows = columns) of every series. Pixel spacing is field of
+            view / matrix, so the anatomy keeps its size in mm whatever the matrix.
+        slices: sagittal slice count per series (spread to cover both foramina).
+        axial_slices: Axial T2 slice count of a study (split between stacks/series when there are
+            several); None means twice ``slices``.
+        The ``*_rate`` fields are the realism switches of REALISM_RATES (0 = off).
+    """
+
+    train_studies: int = 8
+    test_studies: int = 4
+    seed: int = 0
+    image_size: int = 96
+    slices: int = 15
+    axial_slices: int | None = None
+    missing_series_rate: float = 0.03
+    two_axial_series_rate: float = 0.15
+    multi_stack_axial_rate: float = 0.1
+    instance_gap_rate: float = 0.15
+    unordered_instances_rate: float = 0.3
+    oblique_rate: float = 0.5
+    matrix_variation_rate: float = 0.3
+    missing_spacing_rate: float = 0.1
+    unlabelled_rate: float = synth_labels.UNLABELLED_STUDY_RATE
+
+    def without_realism(self) -> SynthConfig:
+        """The same config with every realism switch off (clean, regular series)."""
+        return dataclasses.replace(self, **{name: 0.0 for name in REALISM_RATES})
+
+    @property
+    def n_axial_slices(self) -> int:
+        """Axial T2 slices per study: ``axial_slices`` or, when None, twice ``slices``."""
+        return self.axial_slices if self.axial_slices is not None else 2 * self.slices
+
+    def validate(self) -> None:
+        """Raise UserError on a value no study could be drawn with."""
+        if self.train_studies < 0 or self.test_studies < 0:
+            raise UserError("study counts must be >= 0")
+        if self.train_studies + self.test_studies == 0:
+            raise UserError("nothing to write: --train-studies and --test-studies are both 0")
+        if self.image_size < 16:
+            raise UserError(f"--image-size must be >= 16 pixels, got {self.image_size}")
+        if self.slices < 3:
+            raise UserError(f"--slices must be >= 3, got {self.slices}")
+        if self.n_axial_slices < 6:
+            raise UserError(f"--axial-slices must be >= 6, got {self.n_axial_slices}")
+        for name in REALISM_RATES:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{name} must be within [0, 1], got {value}")
+
+
+# --------------------------------------------------------------------------------- series plans
+@dataclass
+class Stack:
+    """One stack of parallel slices: exactly the geometry tags its DICOM files carry."""
+
+    positions: np.ndarray  # (n, 3) ImagePositionPatient
+    row_direction: np.ndarray  # (3,) ImageOrientationPatient[:3]
+    column_direction: np.ndarray  # (3,) ImageOrientationPatient[3:]
+    rows: int
+    columns: int
+    pixel_spacing: float  # square pixels, mm
+    slice_thickness: float
+    spacing_between_slices: float | None  # None: the tag is left out
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Slice normal (row x column direction), the axis ImagePositionPatient moves along."""
+        return np.cross(self.row_direction, self.column_direction)
+
+    def pixel_points(self) -> np.ndarray:
+        """(n, rows, columns, 3) patient coordinates of every pixel centre."""
+        r = np.arange(self.rows)[:, None, None] * self.pixel_spacing * self.column_direction
+        c = np.arange(self.columns)[None, :, None] * self.pixel_spacing * self.row_direction
+        return self.positions[:, None, None, :] + (r + c)[None]
+
+    def locate(self, point: np.ndarray) -> tuple[int, float, float, float]:
+        """Nearest slice to ``point`` and the point's projection on it.
+
+        Returns:
+            (slice index, x = column, y = row, distance of the point from that slice in mm).
+        """
+        offsets = (point - self.positions) @ self.normal
+        k = int(np.argmin(np.abs(offsets)))
+        d = point - self.positions[k]
+        x = float(d @ self.row_direction) / self.pixel_spacing
+        y = float(d @ self.column_direction) / self.pixel_spacing
+        return k, x, y, float(abs(offsets[k]))
+
+
+@dataclass
+class Series:
+    """One series of a study: its stacks, sequence and the instance number of every slice."""
+
+    series_id: int
+    description: str
+    sequence: str
+    stacks: list[Stack]
+    manufacturer: str = "SIEMENS"
+    field_strength: float = 3.0
+    instance_numbers: list[np.ndarray] = field(default_factory=list)  # one array per stack
+
+
+def _rotation(
+    rng: np.random.Generator, in_plane_deg: float, tilt_deg: float, normal: np.ndarray
+) -> np.ndarray:
+    """A small rotation matrix: about the slice normal (in-plane), then about a random in-plane
+    axis (an oblique plane)."""
+    in_plane = Rotation.from_rotvec(np.deg2rad(rng.uniform(-in_plane_deg, in_plane_deg)) * normal)
+    axis = np.cross(normal, rng.standard_normal(3))
+    axis /= np.linalg.norm(axis)
+    tilt = Rotation.from_rotvec(np.deg2rad(rng.uniform(-tilt_deg, tilt_deg)) * axis)
+    return (tilt * in_plane).as_matrix()
+
+
+def _make_stack(
+    rng: np.random.Generator,
+    centre: np.ndarray,
+    axes: tuple[np.ndarray, np.ndarray],
+    offsets: np.ndarray,
+    matrix: int,
+    fov: float,
+    rotation: np.ndarray,
+    keep_spacing_tag: bool,
+) -> Stack:
+    """A stack centred on ``centre`` with slices at ``offsets`` along the (rotated) normal.
+
+    Geometry is rounded to what the DICOM tags will hold, so the image is rendered at exactly the
+    positions a reader will compute from the tags.
+    """
+    row, col = (np.round(rotation @ a, 6) for a in axes)
+    normal = np.cross(row, col)
+    spacing = round(fov / matrix, 6)
+    corner = centre - (matrix - 1) / 2 * spacing * (row + col)
+    positions = np.round(corner[None, :] + offsets[:, None] * normal[None, :], 4)
+    step = float(np.median(np.abs(np.diff(offsets)))) if len(offsets) > 1 else 4.0
+    thickness = round(step * rng.uniform(0.8, 1.0), 3)
+    return Stack(
+        positions=positions,
+        row_direction=row,
+        column_direction=col,
+        rows=matrix,
+        columns=matrix,
+        pixel_spacing=spacing,
+        slice_thickness=thickness,
+        spacing_between_slices=round(step, 4) if keep_spacing_tag else None,
+    )
+
+
+def _plan_series(
+    rng: np.random.Generator, config: SynthConfig, anatomy: phantom.Anatomy, series_ids: np.ndarray
+) -> list[Series]:
+    """Draw the series of one study: two sagittals and one or two axials, in one patient frame."""
+    a = anatomy
+    ids = iter(series_ids.tolist())
+
+    def matrix() -> int:
+        if rng.random() < config.matrix_variation_rate:
+            return int(round(config.image_size * rng.uniform(0.8, 1.3) / 2) * 2)
+        return config.image_size
+
+    def rotation(normal: np.ndarray, tilt_deg: float = 2.0) -> np.ndarray:
+        if rng.random() < config.oblique_rate:
+            return _rotation(rng, 5.0, tilt_deg, normal)
+        return np.eye(3)
+
+    def keep_spacing() -> bool:
+        return rng.random() >= config.missing_spacing_rate
+
+    series: list[Series] = []
+    sag_normal = np.cross(*_SAGITTAL)
+    mid_z = float(np.mean(a.disc_z[1:]))
+    sagittal_sequence = "T2" if rng.random() < 0.6 else "STIR"
+    for description, sequence in (
+        ("Sagittal T1", "T1"),
+        ("Sagittal T2/STIR", sagittal_sequence),
+    ):
+        n = config.slices
+        cover = 2 * (a.foramen_x + 8.0)  # both foramina with a margin
+        step = max(rng.uniform(3.3, 4.5), cover / (n - 1))
+        # The sagittal normal is -x: decreasing offsets run the slices from the patient's right
+        # (-x) to the left (+x).
+        offsets = ((n - 1) / 2 - np.arange(n)) * step
+        centre = np.array(
+            [
+                a.centre[0] + rng.uniform(-1.5, 1.5),
+                a.centre[1] + 20.0 + rng.uniform(-12, 12),
+                mid_z + rng.uniform(-12, 12),
+            ]
+        )
+        stack = _make_stack(
+            rng, centre, _SAGITTAL, offsets, matrix(), rng.uniform(190, 230),
+            rotation(sag_normal), keep_spacing(),
+        )  # fmt: skip
+        series.append(Series(next(ids), description, sequence, [stack]))
+
+    # Axial T2: slices from above L1/L2 to below L5/S1, as one stack, two tilted stacks in one
+    # series, or two series (upper and lower levels).
+    z_hi = a.disc_z[1] + 0.35 * a.pitch
+    z_lo = a.disc_z[5] - 0.3 * a.pitch
+    centre_xy = np.array(
+        [a.centre[0] + rng.uniform(-8, 8), float(a.canal_y(mid_z)) - 10 + rng.uniform(-10, 10)]
+    )
+    fov = rng.uniform(160, 200)
+    n_axial = config.n_axial_slices
+    layout = rng.random()
+    if layout < config.two_axial_series_rate:
+        parts, grouping = 2, "series"
+    elif layout < config.two_axial_series_rate + config.multi_stack_axial_rate:
+        parts, grouping = 2, "stacks"
+    else:
+        parts, grouping = 1, "series"
+    edges = np.linspace(z_lo, z_hi, parts + 1)
+    overlap = 0.15 * a.pitch if parts > 1 else 0.0
+    shared_matrix, shared_spacing = matrix(), keep_spacing()
+    axial_stacks: list[Stack] = []
+    for p in range(parts):
+        lo, hi = edges[p] - overlap, edges[p + 1] + overlap
+        n = max(3, int(round(n_axial / parts)))
+        zs = np.linspace(lo, hi, n)
+        centre = np.array([centre_xy[0], centre_xy[1], (lo + hi) / 2])
+        if grouping == "stacks":
+            tilt = np.eye(3) if p == 0 else _rotation(rng, 0.0, 8.0, np.array([0.0, 0.0, 1.0]))
+        else:
+            tilt = rotation(np.array([0.0, 0.0, 1.0]), tilt_deg=3.0)
+        stack = _make_stack(
+            rng, centre, _AXIAL, zs - centre[2], shared_matrix if grouping == "stacks" else matrix(),
+            fov, tilt, shared_spacing if grouping == "stacks" else keep_spacing(),
+        )  # fmt: skip
+        axial_stacks.append(stack)
+    if grouping == "stacks":
+        series.append(Series(next(ids), "Axial T2", "T2", axial_stacks))
+    else:
+        series.extend(Series(next(ids), "Axial T2", "T2", [s]) for s in axial_stacks)
+
+    if rng.random() < config.missing_series_rate:
+        drop = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")[int(rng.integers(3))]
+        series = [s for s in series if s.description != drop]
+
+    manufacturer = MANUFACTURERS[int(rng.integers(len(MANUFACTURERS)))]
+    field_strength = 1.5 if rng.random() < 0.5 else 3.0
+    for s in series:
+        s.manufacturer, s.field_strength = manufacturer, field_strength
+        s.instance_numbers = _instance_numbers(rng, config, [len(st.positions) for st in s.stacks])
+    return series
+
+
+def _instance_numbers(
+    rng: np.random.Generator, config: SynthConfig, counts: list[int]
+) -> list[np.ndarray]:
+    """Instance numbers of every slice of a series (one array per stack).
+
+    Normally 1..n in slice order; with the realism switches on, some series start higher and skip
+    numbers, and some number their slices against slice order (reversed, or scrambled).
+    """
+    total = sum(counts)
+    numbers = np.arange(1, total + 1)
+    if rng.random() < config.instance_gap_rate:
+        steps = 1 + (rng.random(total) < 0.15).astype(int)
+        numbers = int(rng.integers(2, 40)) + np.cumsum(steps) - steps[0]
+    if rng.random() < config.unordered_instances_rate:
+        numbers = numbers[::-1] if rng.random() < 0.8 else rng.permutation(numbers)
+    return np.split(numbers, np.cumsum(counts)[:-1])
+
+
+# ------------------------------------------------------------------------------------- rendering
+def _voxel_size(series: list[Series]) -> float:
+    """Phantom grid step: finer than the finest pixel, within [0.6, 1.5] mm (memory bound)."""
+    finest = min(st.pixel_spacing for s in series for st in s.stacks)
+    return float(np.clip(0.75 * finest, 0.6, 1.5))
+
+
+def _render_study(
+    rng: np.random.Generator, anatomy: phantom.Anatomy, series: list[Series]
+) -> list[list[np.ndarray]]:
+    """uint16 pixels (n, rows, columns) of every stack of every series of one study."""
+    all_points = [st.pixel_points() for s in series for st in s.stacks]
+    if not all_points:
+        return []
+    corners = np.concatenate(
+        [p[[0, -1]][:, [0, -1]][:, :, [0, -1]].reshape(-1, 3) for p in all_points]
+    )
+    voxel = _voxel_size(series)
+    grid = phantom.TissueGrid(
+        corners.min(axis=0) - 2 * voxel, corners.max(axis=0) + 2 * voxel, voxel
+    )
+    phantom.paint_anatomy(grid, anatomy)
+    tables = phantom.tissue_signal(rng, anatomy)
+    bias = phantom.bias_field(rng, anatomy.centre)
+    volumes: dict[str, np.ndarray] = {}
+    out: list[list[np.ndarray]] = []
+    points = iter(all_points)
+    for s in series:
+        gain = rng.uniform(600.0, 3000.0)
+        offset = rng.uniform(0.0, 40.0)
+        sigma = rng.uniform(0.012, 0.04)
+        pixels = []
+        for _ in s.stacks:
+            p = next(points)
+            if s.sequence not in volumes:
+                volumes[s.sequence] = phantom.signal_volume(grid, tables[s.sequence])
+            signal = phantom.sample(grid, volumes[s.sequence], p) * bias(p)
+            noisy = np.hypot(signal + sigma * rng.standard_normal(signal.shape),
+                             sigma * rng.standard_normal(signal.shape))  # fmt: skip
+            pixels.append(np.clip(np.rint(offset + gain * noisy), 0, 65535).astype(np.uint16))
+        out.append(pixels)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- DICOM
+def _ds(values) -> list[str]:
+    """Decimal strings short enough for DICOM DS (16 characters)."""
+    return [f"{float(v):.6g}" if abs(float(v)) >= 1e-4 else "0" for v in np.ravel(values)]
+
+
+def _write_series(
+    folder: Path, study_id: int, series: Series, pixels: list[np.ndarray], seed: int, number: int
+) -> None:
+    """Write one series as ``folder/{instance_number}.dcm`` (uncompressed, explicit VR LE).
+
+    One dataset per stack carries the shared tags; only the per-slice tags change between files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=[str(seed), *map(str, parts)])
+
+    for stack, numbers, stack_pixels in zip(
+        series.stacks, series.instance_numbers, pixels, strict=True
+    ):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = MRImageStorage
+        ds.StudyInstanceUID = uid(study_id)
+        ds.SeriesInstanceUID = uid(study_id, series.series_id)
+        ds.FrameOfReferenceUID = uid(study_id, "frame")
+        ds.Modality = "MR"
+        ds.Manufacturer = series.manufacturer
+        ds.MagneticFieldStrength = _ds([series.field_strength])[0]
+        ds.PatientID = str(study_id)
+        ds.StudyID = str(study_id)
+        ds.SeriesNumber = number
+        ds.SeriesDescription = series.description
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
+        ds.ImageOrientationPatient = _ds(
+            np.concatenate([stack.row_direction, stack.column_direction])
+        )
+        ds.PixelSpacing = _ds([stack.pixel_spacing, stack.pixel_spacing])
+        ds.SliceThickness = _ds([stack.slice_thickness])[0]
+        if stack.spacing_between_slices is not None:
+            ds.SpacingBetweenSlices = _ds([stack.spacing_between_slices])[0]
+        ds.Rows, ds.Columns = stack.rows, stack.columns
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+        for k, instance in enumerate(numbers):
+            instance_uid = uid(study_id, series.series_id, int(instance))
+            meta.MediaStorageSOPInstanceUID = instance_uid
+            ds.SOPInstanceUID = instance_uid
+            ds.InstanceNumber = int(instance)
+            ds.ImagePositionPatient = _ds(stack.positions[k])
+            ds.SliceLocation = _ds([stack.positions[k] @ stack.normal])[0]
+            ds.PixelData = np.ascontiguousarray(stack_pixels[k]).tobytes()
+            with atomic_path(folder / f"{int(instance)}.dcm") as tmp:
+                ds.save_as(tmp, enforce_file_format=True)
+
+
+# --------------------------------------------------------------------------------------- studies
+@dataclass
+class StudyRecord:
+    """What one synthesized study contributes to the CSVs."""
+
+    study_id: int
+    labels: np.ndarray  # (25,) class index or IGNORE (-100)
+    probabilities: np.ndarray  # (25, 3) oracle
+    series: list[tuple[int, str]]  # (series_id, description)
+    coordinates: list[tuple]  # rows of train_label_coordinates.csv
+
+
+def _draw_ids(rng: np.random.Generator, n: int, low: int, high: int) -> np.ndarray:
+    """``n`` distinct integers in [low, high) (ids that look like the real 7-10 digit ones)."""
+    ids = np.unique(rng.integers(low, high, n))
+    while len(ids) < n:
+        ids = np.unique(np.concatenate([ids, rng.integers(low, high, n - len(ids))]))
+    return rng.permutation(ids)
+
+
+def _synthesize_study(
+    config: SynthConfig, split: str, index: int, study_id: int, image_root: Path
+) -> StudyRecord:
+    """Draw, render and write one study; return its labels, oracle, series and coordinates."""
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
+    severity = synth_labels.draw_latent_severity(rng)
+    probabilities = synth_labels.class_probabilities(severity)
+    labels = synth_labels.draw_classes(rng, probabilities)
+    labels[synth_labels.draw_unlabelled(rng, config.unlabelled_rate)] = -100
+    table_position = np.array([rng.uniform(-15, 15), rng.uniform(-30, 30), rng.uniform(-150, 150)])
+    anatomy = phantom.draw_anatomy(rng, severity, centre=table_position)
+    series = _plan_series(rng, config, anatomy, _draw_ids(rng, 4, 10**6, 4 * 10**9))
+    pixels = _render_study(rng, anatomy, series)
+    for number, (s, p) in enumerate(zip(series, pixels, strict=True), start=1):
+        _write_series(
+            image_root / str(study_id) / str(s.series_id), study_id, s, p, config.seed, number
+        )
+    return StudyRecord(
+        study_id=study_id,
+        labels=labels,
+        probabilities=probabilities,
+        series=[(s.series_id, s.description) for s in series],
+        coordinates=_coordinates(study_id, anatomy, series, labels),
+    )
+
+
+def _coordinates(
+    study_id: int, anatomy: phantom.Anatomy, series: list[Series], labels: np.ndarray
+) -> list[tuple]:
+    """train_label_coordinates rows: each labelled finding's centre on its grading series.
+
+    The point is projected on the nearest slice of the grading series (of several Axial T2
+    series or stacks, the one whose slice passes closest); a finding whose grading series is
+    missing gets no row, as in the real data.
+    """
+    rows = []
+    centres = anatomy.finding_centres()
+    for i, condition in enumerate(CONDITIONS):
+        for j in range(len(LEVELS)):
+            k = i * len(LEVELS) + j
+            if labels[k] < 0:
+                continue
+            best = None
+            for s in series:
+                if s.description != GRADING_SERIES[condition]:
+                    continue
+                for stack, numbers in zip(s.stacks, s.instance_numbers, strict=True):
+                    slice_index, x, y, distance = stack.locate(centres[k])
+                    if best is None or distance < best[0]:
+                        best = (distance, s.series_id, int(numbers[slice_index]), x, y)
+            if best is not None:
+                _, series_id, instance, x, y = best
+                rows.append(
+                    (study_id, series_id, instance, CONDITION_NAMES[i], LEVEL_NAMES[j],
+                     round(x, 3), round(y, 3))
+                )  # fmt: skip
+    return rows
+
+
+def _labels_frame(records: list[StudyRecord]) -> pd.DataFrame:
+    table = {"study_id": [r.study_id for r in records]}
+    for k, column in enumerate(LABEL_COLUMNS):
+        table[column] = [SEVERITIES[r.labels[k]] if r.labels[k] >= 0 else np.nan for r in records]
+    return pd.DataFrame(table)
+
+
+def _oracle_frame(records: list[StudyRecord]) -> pd.DataFrame:
+    probabilities = (
+        np.concatenate([r.probabilities for r in records]) if records else np.zeros((0, 3))
+    )
+    frame = pd.DataFrame(probabilities, columns=list(PRED_COLUMNS))
+    frame.insert(0, "row_id", all_row_ids([r.study_id for r in records]))
+    return frame
+
+
+def synthesize(out_dir: str | Path, config: SynthConfig, progress: bool = True) -> Path:
+    """Write a synthetic competition root to ``out_dir`` (which must be new or empty).
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        UserError: ``out_dir`` is a file or a non-empty folder, or the config is invalid.
+    """
+    config.validate()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+
+    counts = {"train": config.train_studies, "test": config.test_studies}
+    ids = _draw_ids(
+        np.random.default_rng([config.seed, 99]), sum(counts.values()), 10**6, 4 * 10**9
+    )
+    study_ids = {"train": ids[: counts["train"]], "test": ids[counts["train"] :]}
+    jobs = [(split, i, int(sid)) for split in SPLITS for i, sid in enumerate(study_ids[split])]
+    if progress:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, desc="lsdc synth", unit="study")
+    records: dict[str, list[StudyRecord]] = {split: [] for split in SPLITS}
+    try:
+        for split, index, study_id in jobs:
+            records[split].append(
+                _synthesize_study(config, split, index, study_id, out / f"{split}_images")
+            )
+    except BaseException:  # leave no half-written root behind, even on Ctrl-C
+        for path in [out] if created else list(out.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+    for split in SPLITS:
+        records[split].sort(key=lambda r: r.study_id)
+        descriptions = pd.DataFrame(
+            [(r.study_id, sid, d) for r in records[split] for sid, d in r.series],
+            columns=["study_id", "series_id", "series_description"],
+        )
+        write_csv_atomic(descriptions, out / f"{split}_series_descriptions.csv")
+        write_csv_atomic(_oracle_frame(records[split]), out / f"oracle_{split}.csv")
+    train, test = records["train"], records["test"]
+    write_csv_atomic(_labels_frame(train), out / "train.csv")
+    coordinates = pd.DataFrame(
+        [row for r in train for row in r.coordinates],
+        columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+    )
+    write_csv_atomic(coordinates, out / "train_label_coordinates.csv")
+    sample = pd.DataFrame({"row_id": all_row_ids([r.study_id for r in test])})
+    for column in PRED_COLUMNS:
+        sample[column] = 1.0 / 3.0
+    write_csv_atomic(sample, out / "sample_submission.csv")
+    write_csv_atomic(labels_to_solution(_labels_frame(test)), out / "solution_test.csv")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    """Declare the arguments of ``lsdc synth``."""
+    defaults = SynthConfig()
+    parser.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    parser.add_argument("--train-studies", type=int, default=defaults.train_studies)
+    parser.add_argument("--test-studies", type=int, default=defaults.test_studies)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--image-size", type=int, default=defaults.image_size, help="matrix (rows = columns)"
+    )
+    parser.add_argument(
+        "--slices", type=int, default=defaults.slices, help="sagittal slices per series"
+    )
+    parser.add_argument(
+        "--axial-slices", type=int, default=None, help="Axial T2 slices per study (2 x --slices)"
+    )
+    parser.add_argument(
+        "--no-realism", action="store_true", help="turn every realism switch off (rates below = 0)"
+    )
+    for name, help_text in REALISM_RATES.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=getattr(defaults, name),
+            help=f"{help_text} (default %(default)s)",
+        )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def synth_from_args(args: argparse.Namespace) -> int:
-    raise NotImplementedError("lsdc synth is not written yet")
+    """Run ``lsdc synth`` from parsed arguments."""
+    config = SynthConfig(
+        train_studies=args.train_studies,
+        test_studies=args.test_studies,
+        seed=args.seed,
+        image_size=args.image_size,
+        slices=args.slices,
+        axial_slices=args.axial_slices,
+        **{name: getattr(args, name) for name in REALISM_RATES},
+    )
+    if args.no_realism:
+        config = config.without_realism()
+    out = synthesize(args.out, config, progress=not args.quiet)
+    print(
+        f"lsdc synth: wrote {config.train_studies} train and {config.test_studies} test studies to {out}"
+    )
+    return 0
+
+
+__all__ = [
+    "ANSWER_FILES",
+    "REALISM_RATES",
+    "SynthConfig",
+    "add_synth_arguments",
+    "synth_from_args",
+    "synthesize",
+]

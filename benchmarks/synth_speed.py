@@ -1,0 +1,51 @@
+"""Time ``lsdc synth``: studies per second at a given size (the README figure).
+
+Usage:
+    python benchmarks/synth_speed.py [--studies 100] [--image-size 96] [--slices 15]
+
+Writes into a temporary folder that is removed afterwards and prints one line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from lsdc.data.synth import SynthConfig, synthesize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = SynthConfig()
+    parser.add_argument("--studies", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--slices", type=int, default=defaults.slices)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    config = SynthConfig(
+        train_studies=args.studies,
+        test_studies=0,
+        seed=args.seed,
+        image_size=args.image_size,
+        slices=args.slices,
+    )
+    with tempfile.TemporaryDirectory(prefix="lsdc-synth-speed-") as tmp:
+        out = Path(tmp) / "root"
+        start, cpu_start = time.perf_counter(), time.process_time()
+        synthesize(out, config, progress=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        files = sum(1 for _ in (out / "train_images").rglob("*.dcm"))
+        size = subprocess.run(["du", "-sm", str(out)], capture_output=True, text=True).stdout
+    print(
+        f"{args.studies} studies, image_size={args.image_size}, slices={args.slices}: "
+        f"{seconds:.1f} s wall ({seconds / args.studies:.3f} s/study), {cpu:.1f} s CPU, "
+        f"{files} DICOM files, "
+        f"{size.split()[0]} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
