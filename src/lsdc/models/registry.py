@@ -32,3 +32,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
     return sorted(_MODELS)
+
+
+def get_model_constructor(name: str) -> Callable[..., nn.Module]:
+    """The constructor registered as ``name`` (e.g. to check config keys against its signature)."""
+    if name not in _MODELS:
+        raise UserError(f"unknown model {name!r}; registered models: {sorted(_MODELS)}")
+    return _MODELS[name]

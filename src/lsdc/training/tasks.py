@@ -1,0 +1,153 @@
+"""Training tasks: what the one engine trains, behind one interface (docs/ARCHITECTURE.md,
+"Training tasks").
+
+A task owns everything that depends on the kind of sample (datasets, model, loss, how outputs
+become (B, 25, 3) probabilities); the engine owns everything else and never branches on names.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from lsdc.data.cache import read_cache_index
+from lsdc.data.contract import load_train_labels
+from lsdc.errors import UserError
+from lsdc.training.config import ConfigError, TrainConfig
+
+_TASKS: dict[str, type[TrainingTask]] = {}
+
+_BUILTIN_TASK_MODULES: tuple[str, ...] = (
+    "lsdc.training.whole_study_task",
+    "lsdc.training.two_stage",
+)
+"""Modules whose import registers a task; a new task adds its module here."""
+
+
+class TrainingTask(abc.ABC):
+    """One kind of training sample and model, driven by :mod:`lsdc.training.engine`.
+
+    Args:
+        config: the resolved training config.
+        cache_dir: the preprocessed cache of the split.
+        data_root: the competition root (CSVs); None at inference, where no labels exist.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: TrainConfig, cache_dir: Path, data_root: Path | None) -> None:
+        self.config = config
+        self.cache_dir = Path(cache_dir)
+        self.data_root = None if data_root is None else Path(data_root)
+
+    def study_labels(self) -> pd.DataFrame:
+        """Wide train.csv rows of the studies this task can train on: those in the cache."""
+        if self.data_root is None:
+            raise UserError("training needs the competition root (--data) for train.csv")
+        labels = load_train_labels(self.data_root / "train.csv")
+        cached = set(read_cache_index(self.cache_dir)["study_id"].astype(np.int64))
+        labels = labels[labels["study_id"].isin(cached)].reset_index(drop=True)
+        if labels.empty:
+            raise UserError(
+                f"{self.cache_dir}: no study of {self.data_root / 'train.csv'} is in this cache"
+            )
+        return labels
+
+    @abc.abstractmethod
+    def fit_state(self, train_study_ids: np.ndarray) -> dict[str, Any]:
+        """Statistics of the training fold only (JSON-able), stored in every checkpoint."""
+
+    @abc.abstractmethod
+    def build_dataset(self, study_ids: np.ndarray, state: dict[str, Any], train: bool) -> Dataset:
+        """Items are dicts of tensors with a ``study_id``; ``train`` turns on labels + augmentation."""
+
+    @abc.abstractmethod
+    def build_model(self, state: dict[str, Any]) -> nn.Module:
+        """The network, built from the registry with sizes from the config."""
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        """Run ``model`` on a batch already on the device."""
+
+    @abc.abstractmethod
+    def loss(self, outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """Scalar training loss."""
+
+    @abc.abstractmethod
+    def probabilities(
+        self, outputs: Any, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 25, 3) probabilities and the (B, 25) bool mask of entries each sample predicts."""
+
+    @abc.abstractmethod
+    def flip_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch mirrored left-right (inputs only; the engine permutes the predictions)."""
+
+
+def register_task(cls: type[TrainingTask]) -> type[TrainingTask]:
+    """Class decorator: make ``cls`` the task of config ``task: cls.name``."""
+    if cls.name in _TASKS:
+        raise ValueError(f"task {cls.name!r} is registered twice")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _import_builtin_tasks() -> None:
+    for module in _BUILTIN_TASK_MODULES:
+        importlib.import_module(module)
+
+
+def list_tasks() -> list[str]:
+    """Names of every registered task."""
+    _import_builtin_tasks()
+    return sorted(_TASKS)
+
+
+def create_task(config: TrainConfig, cache_dir: Path, data_root: Path | None) -> TrainingTask:
+    """The task named by ``config.task``.
+
+    Raises:
+        ConfigError: no task has that name.
+    """
+    _import_builtin_tasks()
+    if config.task not in _TASKS:
+        raise ConfigError(
+            f"config key 'task': unknown task {config.task!r}; known: {sorted(_TASKS)}"
+        )
+    return _TASKS[config.task](config, cache_dir, data_root)
+
+
+def build_registered_model(config: TrainConfig, **fixed: Any) -> nn.Module:
+    """``create_model(config.model.name, **fixed, **config.model.params)``, refusing a parameter
+    the constructor does not take (a typo in ``model.params`` would otherwise be a TypeError
+    deep in the model code, or worse, silently ignored).
+
+    Args:
+        config: supplies the model name and its free-form ``params``.
+        fixed: arguments the task derives from the data (e.g. ``img_size``, ``n_meta``).
+    """
+    import lsdc.models  # noqa: F401  (registers every model)
+    from lsdc.models.registry import create_model, get_model_constructor
+
+    name = config.model.name
+    accepted = inspect.signature(get_model_constructor(name)).parameters
+    for key in config.model.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"config key 'model.params.{key}': model {name!r} takes no parameter {key!r}; "
+                f"it takes {sorted(k for k in accepted if k not in fixed)}"
+            )
+        if key in fixed:
+            raise ConfigError(
+                f"config key 'model.params.{key}' is set by the data ({key}={fixed[key]!r}); remove it"
+            )
+    return create_model(name, **fixed, **config.model.params)
