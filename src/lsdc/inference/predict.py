@@ -1,13 +1,442 @@
-"""Stub: being written (see docs/ARCHITECTURE.md)."""
+"""``lsdc predict``: test DICOM + trained runs -> a complete, valid ``submission.csv``.
+
+In the competition's offline notebook one missing row or one crash costs the attempt, so this
+stage is built around one promise: whatever the input folder holds, it writes exactly one finite,
+normalised row per ``{study_id}_{condition}_{level}`` of every study listed, or nothing at all
+(atomic write). Degradation is graded, never fatal: a study with a missing, empty or unreadable
+series is predicted without it; a study with nothing usable, or one the model fails on, gets the
+training class prior. Every study gets a line in ``predict_report.csv`` saying which it was.
+
+The chain: list the studies (``{split}_series_descriptions.csv`` and, for the test split,
+``sample_submission.csv``) -> preprocess into a temporary cache (``lsdc.data.cache``) -> for each
+run, the mean over its fold checkpoints (``lsdc.inference.runs.predict_run``, optionally with
+left-right flip TTA), that run's temperatures (``RUN/calibration.json``) -> mean over runs ->
+prior fallback -> the file, in ``sample_submission.csv``'s row order when that file exists.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lsdc.data.contract import (
+    LABEL_COLUMNS,
+    N_CLASSES,
+    N_LABELS,
+    PRED_COLUMNS,
+    SERIES_DESCRIPTIONS,
+    all_row_ids,
+    load_sample_submission,
+    load_series_descriptions,
+    parse_row_id,
+    write_csv_atomic,
+)
+from lsdc.errors import UserError
+from lsdc.evaluation.calibration import Calibration, load_calibration
+from lsdc.evaluation.metric import validate_submission
+
+PredictRunFn = Callable[..., np.ndarray]
+"""``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
+
+REPORT_NAME = "predict_report.csv"
+REPORT_COLUMNS = [
+    "study_id",
+    "source",
+    "n_series_listed",
+    "n_series_read",
+    "missing_descriptions",
+    "message",
+]
+"""predict_report.csv: ``source`` is ``model`` (every listed series read), ``model_partial``
+(the model saw only some series) or ``prior`` (nothing usable, or every run failed)."""
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="ROOT",
+        help="competition root holding {split}_series_descriptions.csv and {split}_images/ "
+        "(read only; the Kaggle input folder works as is)",
+    )
+    parser.add_argument(
+        "--run",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="one or more run folders (lsdc train); every fold checkpoint of every run is "
+        "averaged, each run calibrated with its own RUN/calibration.json",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("submission.csv"), help="submission CSV to write"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="whose series CSV and images to predict (sample_submission.csv orders the test split)",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: also predict the left-right mirror (left/right labels swapped back) and average",
+    )
+    parser.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="ignore RUN/calibration.json (raw ensemble probabilities)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="keep the preprocessed cache in this folder (default: a temporary folder, removed)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="preprocessing processes")
+    parser.add_argument(
+        "--device", help="torch device, e.g. cpu or cuda (default: cuda if available)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def predict_from_args(args: argparse.Namespace) -> int:
-    raise NotImplementedError("lsdc predict is not written yet")
+    result = predict_split(
+        args.data,
+        args.run,
+        args.out,
+        split=args.split,
+        tta_flip=args.tta == "flip",
+        calibrate=not args.no_calibration,
+        cache_dir=args.cache,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    counts = result.report["source"].value_counts()
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("model", "model_partial", "prior"))
+    print(
+        f"{result.submission_path}: {len(result.submission)} rows, {len(result.report)} studies ({summary})"
+    )
+    print(f"report: {result.report_path}")
+    return 0
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What ``predict_split`` wrote."""
+
+    submission: pd.DataFrame
+    report: pd.DataFrame
+    submission_path: Path
+    report_path: Path
+
+
+# -------------------------------------------------------------------------------------- runs
+def load_class_prior(run_dir: str | Path) -> np.ndarray:
+    """``RUN/class_prior.csv`` -> (25, 3) probabilities in LABEL_COLUMNS order: the fallback.
+
+    Raises:
+        UserError: the file is missing, lacks a label, or holds a row that is not a distribution.
+    """
+    path = Path(run_dir) / "class_prior.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a run folder written by lsdc train?")
+    try:
+        table = pd.read_csv(path)
+        prior = table.set_index("label_column").loc[list(LABEL_COLUMNS), list(PRED_COLUMNS)]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError) as exc:
+        raise UserError(
+            f"{path}: needs columns label_column, {', '.join(PRED_COLUMNS)} and one row per "
+            f"label ({exc})"
+        ) from exc
+    values = prior.to_numpy(np.float64)
+    if not (np.isfinite(values).all() and (values >= 0).all() and np.allclose(values.sum(1), 1)):
+        raise UserError(f"{path}: every row must be finite, non-negative and sum to 1")
+    return values
+
+
+def check_run(run_dir: str | Path) -> Path:
+    """Refuse early what cannot be a run, before any minute is spent preprocessing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found")
+    if not list(run_dir.glob("fold*/best.pt")):
+        raise UserError(f"{run_dir}: no fold*/best.pt checkpoint; is it a finished lsdc train run?")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------- studies
+def _warn(message: str) -> None:
+    print(f"lsdc predict: warning: {message}", file=sys.stderr)
+
+
+def list_studies(data_root: Path, split: str) -> tuple[list[str], pd.DataFrame]:
+    """The row ids to write, in order, and the series table (possibly empty).
+
+    Studies come from ``{split}_series_descriptions.csv`` and, for the test split, from
+    ``sample_submission.csv`` (whose row order comes first): a study in either gets 25 rows, so
+    a damaged CSV costs model quality, never rows.
+
+    Raises:
+        UserError: neither file names a single study.
+    """
+    series_path = data_root / f"{split}_series_descriptions.csv"
+    try:
+        series = load_series_descriptions(series_path)
+    except UserError as exc:
+        _warn(f"{exc}; studies without it get the class prior")
+        series = pd.DataFrame(columns=["study_id", "series_id", "series_description"])
+    ordered: list[str] = []
+    sample_path = data_root / "sample_submission.csv"
+    if split == "test" and sample_path.is_file():
+        try:
+            ordered = load_sample_submission(sample_path)["row_id"].tolist()
+        except UserError as exc:
+            _warn(f"{exc}; row order follows {series_path.name}")
+    study_ids = list(
+        dict.fromkeys([parse_row_id(r)[0] for r in ordered] + [int(s) for s in series["study_id"]])
+    )
+    if not study_ids:
+        raise UserError(
+            f"{data_root}: neither {series_path.name} nor {sample_path.name} lists a study"
+        )
+    listed = set(ordered)
+    row_ids = ordered + [r for r in all_row_ids(study_ids) if r not in listed]
+    return row_ids, series
+
+
+def _series_status(
+    study_ids: Sequence[int], series: pd.DataFrame, cache_dir: Path, preprocess_error: str
+) -> pd.DataFrame:
+    """Per study: how many series were listed and read, what is missing, and why."""
+    from lsdc.data.cache import REPORT_COLUMNS as CACHE_REPORT_COLUMNS
+
+    report_path = cache_dir / "preprocess_report.csv"
+    if report_path.is_file():
+        cache_report = pd.read_csv(report_path, dtype={"message": str}, keep_default_na=False)
+    else:
+        cache_report = pd.DataFrame(columns=CACHE_REPORT_COLUMNS)
+    read = cache_report[cache_report["status"] != "error"]
+    noted = cache_report[cache_report["message"].astype(str) != ""]
+    rows = []
+    for sid in study_ids:
+        listed = series[series["study_id"] == sid]
+        ok = read[read["study_id"] == sid]
+        present = set(ok["series_description"])
+        messages = list(
+            dict.fromkeys(
+                f"series {r.series_id} ({r.status}): {r.message}"
+                for r in noted[noted["study_id"] == sid].itertuples()
+            )
+        )
+        if listed.empty:
+            messages.append("no series listed")
+        if preprocess_error:
+            messages.append(preprocess_error)
+        rows.append(
+            {
+                "study_id": sid,
+                "n_series_listed": len(listed),
+                "n_series_read": ok["series_id"].nunique(),
+                "missing_descriptions": "; ".join(
+                    d for d in SERIES_DESCRIPTIONS if d not in present
+                ),
+                "message": "; ".join(messages),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# -------------------------------------------------------------------------------- prediction
+def _run_predictions(
+    predict_fn: PredictRunFn,
+    run_dir: Path,
+    cache_dir: Path,
+    study_ids: list[int],
+    tta_flip: bool,
+    device: str | None,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """(n, 25, 3) of one run, NaN where it failed, and the failure message per study.
+
+    The whole batch is tried first (fast); if it raises, each study alone, so one poisoned study
+    costs only itself.
+    """
+    out = np.full((len(study_ids), N_LABELS, N_CLASSES), np.nan)
+    failures: dict[int, str] = {}
+    if not study_ids:
+        return out, failures
+
+    def call(ids: list[int]) -> np.ndarray:
+        probs = np.asarray(predict_fn(run_dir, cache_dir, ids, tta_flip=tta_flip, device=device))
+        if probs.shape != (len(ids), N_LABELS, N_CLASSES):
+            raise ValueError(
+                f"predict_run returned shape {probs.shape}, expected ({len(ids)}, 25, 3)"
+            )
+        return probs
+
+    try:
+        out[:] = call(study_ids)
+    except Exception as exc:  # noqa: BLE001 - a crash here would cost the whole submission
+        _warn(
+            f"{run_dir}: batch prediction failed ({type(exc).__name__}: {exc}); retrying study by study"
+        )
+        for i, sid in enumerate(study_ids):
+            try:
+                out[i] = call([sid])[0]
+            except Exception as study_exc:  # noqa: BLE001
+                failures[sid] = f"{run_dir.name}: {type(study_exc).__name__}: {study_exc}"
+    with np.errstate(invalid="ignore"):
+        bad = (
+            ~np.isfinite(out).all(axis=(1, 2))
+            | (out < 0).any(axis=(1, 2))
+            | (out.sum(axis=-1) <= 0).any(axis=1)
+        )
+    for i in np.flatnonzero(bad):
+        failures.setdefault(
+            study_ids[i], f"{run_dir.name}: prediction not a distribution (NaN, negative or zero)"
+        )
+        out[i] = np.nan
+    return out, failures
+
+
+def ensemble(
+    predictions: Sequence[np.ndarray], calibrations: Sequence[Calibration | None]
+) -> np.ndarray:
+    """Mean over runs of each run's calibrated probabilities; NaN rows (failed) are skipped.
+
+    A study every run failed on stays NaN (the caller falls back to the prior).
+    """
+    stacked = []
+    for probs, cal in zip(predictions, calibrations, strict=True):
+        ok = np.isfinite(probs).all(axis=(1, 2))
+        calibrated = probs.copy()
+        if cal is not None and ok.any():
+            calibrated[ok] = cal.apply_to_array(probs[ok])
+        stacked.append(calibrated)
+    stacked_arr = np.stack(stacked)
+    valid = np.isfinite(stacked_arr).all(axis=(2, 3))  # (runs, n)
+    total = np.where(valid[..., None, None], stacked_arr, 0.0).sum(axis=0)
+    count = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count[:, None, None] > 0, total / count[:, None, None], np.nan)
+
+
+def predict_split(
+    data_root: str | Path,
+    run_dirs: Sequence[str | Path],
+    out_path: str | Path,
+    split: str = "test",
+    tta_flip: bool = False,
+    calibrate: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+    predict_fn: PredictRunFn | None = None,
+) -> PredictResult:
+    """Write ``out_path`` (the submission) and ``predict_report.csv`` beside it.
+
+    Args:
+        data_root: competition root (read only).
+        run_dirs: run folders; their fold checkpoints and runs are averaged.
+        out_path: submission CSV to write (atomically; its folder is created).
+        split: ``test`` (the submission) or ``train`` (e.g. to check a run on its training data).
+        tta_flip: average with the left-right mirrored prediction (labels swapped back).
+        calibrate: apply each run's ``calibration.json`` when it has one.
+        cache_dir: keep the preprocessed cache here; default a temporary folder, removed after.
+        workers: preprocessing processes.
+        device: torch device for the model; None picks CUDA when available.
+        progress: show progress bars.
+        predict_fn: stand-in for ``lsdc.inference.runs.predict_run`` (tests).
+
+    Raises:
+        UserError: a run folder is unusable, or neither CSV lists a study. Nothing about the
+            images themselves raises: bad series degrade to the prior and a report line.
+    """
+    data_root, out_path = Path(data_root), Path(out_path)
+    runs = [check_run(r) for r in run_dirs]
+    priors = np.stack([load_class_prior(r) for r in runs])
+    calibrations = [load_calibration(r) if calibrate else None for r in runs]
+    if predict_fn is None:
+        from lsdc.inference.runs import predict_run as predict_fn
+    row_ids, series = list_studies(data_root, split)
+    study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
+
+    with tempfile.TemporaryDirectory(prefix="lsdc-predict-") as tmp:
+        cache = Path(cache_dir) if cache_dir is not None else Path(tmp) / "cache"
+        preprocess_error = ""
+        listed_ids = [s for s in study_ids if s in set(series["study_id"])]
+        if listed_ids:
+            try:
+                from lsdc.data.cache import preprocess_split
+
+                t0 = time.perf_counter()
+                preprocess_split(
+                    data_root,
+                    cache,
+                    split,
+                    workers=workers,
+                    study_ids=listed_ids,
+                    progress=progress,
+                )
+                if progress:
+                    print(
+                        f"preprocessed {len(listed_ids)} studies in {time.perf_counter() - t0:.1f} s",
+                        file=sys.stderr,
+                    )
+            except Exception as exc:  # noqa: BLE001 - e.g. no image folder: every study -> prior
+                preprocess_error = f"preprocessing failed: {type(exc).__name__}: {exc}"
+                _warn(preprocess_error)
+        status = _series_status(study_ids, series, cache, preprocess_error)
+        usable = status.loc[status["n_series_read"] > 0, "study_id"].tolist()
+        per_run, failures = [], {}
+        for run in runs:
+            probs, run_failures = _run_predictions(predict_fn, run, cache, usable, tta_flip, device)
+            per_run.append(probs)
+            for sid, msg in run_failures.items():
+                failures[sid] = "; ".join(filter(None, [failures.get(sid, ""), msg]))
+        model = ensemble(per_run, calibrations) if usable else np.empty((0, N_LABELS, N_CLASSES))
+
+    probs = np.broadcast_to(priors.mean(axis=0), (len(study_ids), N_LABELS, N_CLASSES)).copy()
+    position = {sid: i for i, sid in enumerate(study_ids)}
+    from_model = np.zeros(len(study_ids), dtype=bool)
+    for k, sid in enumerate(usable):
+        if np.isfinite(model[k]).all():
+            probs[position[sid]] = model[k]
+            from_model[position[sid]] = True
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+
+    complete = (status["n_series_read"] == status["n_series_listed"]) & (
+        status["missing_descriptions"] == ""
+    )
+    status["source"] = np.where(from_model, np.where(complete, "model", "model_partial"), "prior")
+    status["message"] = [
+        "; ".join(filter(None, [m, failures.get(sid, "")]))
+        for sid, m in zip(status["study_id"], status["message"], strict=True)
+    ]
+    submission = _submission_frame(row_ids, study_ids, probs)
+    report_path = out_path.parent / REPORT_NAME
+    write_csv_atomic(status[REPORT_COLUMNS], report_path)
+    write_csv_atomic(submission, out_path)
+    return PredictResult(submission, status[REPORT_COLUMNS], out_path, report_path)
+
+
+def _submission_frame(row_ids: list[str], study_ids: list[int], probs: np.ndarray) -> pd.DataFrame:
+    """The submission in ``row_ids`` order, checked complete and valid before anyone writes it."""
+    by_row = pd.DataFrame(probs.reshape(-1, N_CLASSES), columns=list(PRED_COLUMNS))
+    by_row.insert(0, "row_id", all_row_ids(study_ids))
+    submission = by_row.set_index("row_id").loc[row_ids].reset_index()
+    validate_submission(submission, pd.Index(all_row_ids(study_ids)))
+    sums = submission[list(PRED_COLUMNS)].sum(axis=1).to_numpy()
+    if len(submission) != len(study_ids) * N_LABELS or not np.allclose(sums, 1.0):
+        raise AssertionError("internal error: the submission is incomplete or not normalised")
+    return submission

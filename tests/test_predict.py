@@ -1,0 +1,310 @@
+"""lsdc predict: a complete, ordered, normalised submission whatever the input folder holds.
+
+The model is a stand-in (``predict_fn``) so that these tests check the orchestration: study
+listing, preprocessing, fallbacks, calibration, ensembling, row order and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
+from scipy.special import softmax
+
+from lsdc.cli import main
+from lsdc.data.cache import read_cache_index
+from lsdc.data.contract import LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
+from lsdc.errors import UserError
+from lsdc.evaluation.calibration import temperature_scale
+from lsdc.inference.predict import predict_split
+
+SERIES = [
+    (1, 11, "Sagittal T1"),
+    (1, 12, "Sagittal T2/STIR"),
+    (1, 13, "Axial T2"),
+    (2, 21, "Sagittal T1"),
+    (2, 22, "Sagittal T2/STIR"),
+    (2, 23, "Axial T2"),  # folder deleted
+    (3, 31, "Sagittal T1"),  # one corrupt file among good ones
+    (3, 32, "Sagittal T2/STIR"),  # its only file is corrupt
+    (3, 33, "Axial T2"),
+    (4, 41, "Sagittal T1"),  # no folder at all
+]
+SAMPLE_ORDER = [3, 5, 1, 2, 4]  # study 5 is only in sample_submission.csv
+
+
+def _fake_probs(study_id: int) -> np.ndarray:
+    """A distinct, known (25, 3) prediction per study."""
+    logits = np.random.default_rng(study_id).normal(size=(len(LABEL_COLUMNS), 3))
+    return softmax(logits, axis=-1)
+
+
+def fake_predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
+    """Stand-in for lsdc.inference.runs.predict_run: checks the cache holds each study."""
+    cached = set(read_cache_index(cache_dir)["study_id"])
+    assert set(study_ids) <= cached
+    scale = float((run_dir / "scale.txt").read_text()) if (run_dir / "scale.txt").exists() else 1.0
+    return np.stack([temperature_scale(_fake_probs(s), 1 / scale) for s in study_ids])
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = write_root(tmp_path / "root", SERIES, split="test")
+    images = root / "test_images"
+    for study, series, description in SERIES:
+        if study == 4 or series == 23:
+            continue
+        orientation = AXIAL if description == "Axial T2" else SAGITTAL
+        write_stack(
+            images / str(study) / str(series),
+            n_slices=4,
+            orientation=orientation,
+            description=description,
+        )
+    (images / "3" / "31" / "2.dcm").write_bytes(b"not a dicom file")
+    for f in (images / "3" / "32").iterdir():
+        f.unlink()
+    (images / "3" / "32" / "1.dcm").write_bytes(b"\x00" * 300)
+    sample = pd.DataFrame({"row_id": all_row_ids(SAMPLE_ORDER)})
+    for c in PRED_COLUMNS:
+        sample[c] = 1 / 3
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def make_run(path, prior_row=(0.7, 0.2, 0.1), scale=None):
+    """A run folder as lsdc train leaves it, as far as predict reads it."""
+    (path / "fold0").mkdir(parents=True)
+    (path / "fold0" / "best.pt").write_bytes(b"")
+    prior = pd.DataFrame([prior_row] * len(LABEL_COLUMNS), columns=list(PRED_COLUMNS))
+    prior.insert(0, "label_column", list(LABEL_COLUMNS))
+    prior.to_csv(path / "class_prior.csv", index=False)
+    if scale is not None:
+        (path / "scale.txt").write_text(str(scale))
+    return path
+
+
+def _study_probs(submission: pd.DataFrame, study_id: int) -> np.ndarray:
+    rows = submission.set_index("row_id").loc[all_row_ids([study_id]), list(PRED_COLUMNS)]
+    return rows.to_numpy()
+
+
+def test_submission_is_complete_ordered_normalised_with_fallbacks(root, tmp_path) -> None:
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "out" / "submission.csv"
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    result = predict_split(root, [run], out, progress=False, predict_fn=fake_predict_run)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # read only
+    sub = pd.read_csv(out)
+    assert sub["row_id"].tolist() == all_row_ids(SAMPLE_ORDER)
+    assert not sub["row_id"].duplicated().any()
+    values = sub[list(PRED_COLUMNS)].to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all()
+    np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-12)
+
+    report = pd.read_csv(out.parent / "predict_report.csv").set_index("study_id")
+    assert result.report_path == out.parent / "predict_report.csv"
+    assert set(report.index) == set(SAMPLE_ORDER)
+    assert report.loc[1, "source"] == "model"
+    assert report.loc[2, "source"] == "model_partial"  # deleted Axial series
+    assert "Axial T2" in report.loc[2, "missing_descriptions"]
+    assert "23" in report.loc[2, "message"]
+    assert report.loc[3, "source"] == "model_partial"  # corrupt files
+    assert report.loc[3, "n_series_read"] == 2 and "32" in report.loc[3, "message"]
+    assert "31/2.dcm" in report.loc[3, "message"]  # the corrupt file among good ones
+    assert report.loc[4, "source"] == "prior" and report.loc[4, "n_series_read"] == 0
+    assert report.loc[5, "source"] == "prior" and "no series listed" in report.loc[5, "message"]
+
+    for study in (1, 2, 3):
+        np.testing.assert_allclose(_study_probs(sub, study), _fake_probs(study), atol=1e-9)
+    for study in (4, 5):
+        np.testing.assert_allclose(_study_probs(sub, study), [[0.7, 0.2, 0.1]] * 25)
+
+
+def test_without_sample_submission_rows_follow_the_series_csv(root, tmp_path) -> None:
+    (root / "sample_submission.csv").unlink()
+    out = tmp_path / "submission.csv"
+    predict_split(
+        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=fake_predict_run
+    )
+    assert pd.read_csv(out)["row_id"].tolist() == all_row_ids([1, 2, 3, 4])
+
+
+def test_calibration_is_applied_per_run_then_runs_are_averaged(root, tmp_path) -> None:
+    run_a = make_run(tmp_path / "a")
+    run_b = make_run(tmp_path / "b", scale=2.0)  # its raw predictions are sharper
+    temps = {c: 2.0 for c in ("spinal_canal_stenosis", "left_neural_foraminal_narrowing")}
+    (run_b / "calibration.json").write_text(json.dumps({"temperatures": temps}))
+    out = tmp_path / "submission.csv"
+    predict_split(root, [run_a, run_b], out, progress=False, predict_fn=fake_predict_run)
+    got = _study_probs(pd.read_csv(out), 1)
+    raw_b = temperature_scale(_fake_probs(1), 0.5)
+    calibrated_b = raw_b.copy()
+    calibrated_b[:10] = _fake_probs(1)[
+        :10
+    ]  # T = 2 undoes the sharpening of the first two conditions
+    np.testing.assert_allclose(got, (_fake_probs(1) + calibrated_b) / 2, atol=1e-9)
+
+    predict_split(
+        root, [run_a, run_b], out, calibrate=False, progress=False, predict_fn=fake_predict_run
+    )
+    np.testing.assert_allclose(
+        _study_probs(pd.read_csv(out), 1), (_fake_probs(1) + raw_b) / 2, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -0.1, 0.0])
+def test_a_study_the_model_fails_on_gets_the_prior_and_a_report_line(
+    root, tmp_path, poison
+) -> None:
+    def flaky(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
+        if 3 in study_ids:
+            raise RuntimeError("CUDA out of memory")
+        probs = fake_predict_run(run_dir, cache_dir, study_ids)
+        if 2 in study_ids:
+            probs[list(study_ids).index(2), 4, :] = poison
+        return probs
+
+    out = tmp_path / "submission.csv"
+    result = predict_split(
+        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=flaky
+    )
+    sub = pd.read_csv(out)
+    report = result.report.set_index("study_id")
+    assert report.loc[3, "source"] == "prior" and "CUDA out of memory" in report.loc[3, "message"]
+    assert report.loc[2, "source"] == "prior" and "not a distribution" in report.loc[2, "message"]
+    np.testing.assert_allclose(_study_probs(sub, 1), _fake_probs(1), atol=1e-9)
+    np.testing.assert_allclose(_study_probs(sub, 3), [[0.7, 0.2, 0.1]] * 25)
+    assert len(sub) == 5 * 25 and np.isfinite(sub[list(PRED_COLUMNS)].to_numpy()).all()
+
+
+@pytest.mark.parametrize("damage", ["no_images", "no_series_csv", "garbage_series_csv"])
+def test_a_broken_input_folder_still_gives_every_row(root, tmp_path, damage) -> None:
+    import shutil
+
+    if damage == "no_images":
+        shutil.rmtree(root / "test_images")
+    elif damage == "no_series_csv":
+        (root / "test_series_descriptions.csv").unlink()
+    else:
+        (root / "test_series_descriptions.csv").write_text("study_id,series_id\n1,x\n")
+    out = tmp_path / "submission.csv"
+    result = predict_split(
+        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=fake_predict_run
+    )
+    sub = pd.read_csv(out)
+    assert sub["row_id"].tolist() == all_row_ids(SAMPLE_ORDER)
+    np.testing.assert_allclose(sub[list(PRED_COLUMNS)].to_numpy(), [[0.7, 0.2, 0.1]] * len(sub))
+    assert (result.report["source"] == "prior").all()
+
+
+def test_nothing_to_list_is_a_user_error(root, tmp_path) -> None:
+    (root / "test_series_descriptions.csv").unlink()
+    (root / "sample_submission.csv").unlink()
+    with pytest.raises(UserError, match="lists a study"):
+        predict_split(
+            root, [make_run(tmp_path / "run")], tmp_path / "s.csv", predict_fn=fake_predict_run
+        )
+
+
+def test_bad_run_is_refused_before_anything_is_written(root, tmp_path) -> None:
+    out = tmp_path / "submission.csv"
+    out.write_text("previous\n")
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(UserError, match="best.pt"):
+        predict_split(root, [empty], out, predict_fn=fake_predict_run)
+    no_prior = make_run(tmp_path / "run")
+    (no_prior / "class_prior.csv").unlink()
+    with pytest.raises(UserError, match="class_prior.csv"):
+        predict_split(root, [no_prior], out, predict_fn=fake_predict_run)
+    assert out.read_text() == "previous\n"
+
+
+def test_cli_writes_submission_and_kept_cache(root, tmp_path, monkeypatch, capsys) -> None:
+    module = types.ModuleType("lsdc.inference.runs")
+    module.predict_run = fake_predict_run
+    monkeypatch.setitem(sys.modules, "lsdc.inference.runs", module)
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "sub.csv"
+    cache = tmp_path / "cache"
+    code = main(
+        [
+            "predict",
+            "--data",
+            str(root),
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert len(pd.read_csv(out)) == 5 * 25
+    assert (cache / "index.csv").is_file()
+    assert "1 model, 2 model_partial, 2 prior" in capsys.readouterr().out
+
+
+# ----------------------------------------------- flip TTA with a real run (conftest.py: tiny_run)
+def _write_split(root, split, study_ids):
+    series = [
+        (sid, sid * 10 + k, desc)
+        for sid in study_ids
+        for k, desc in enumerate(("Sagittal T1", "Sagittal T2/STIR", "Axial T2"))
+    ]
+    write_root(root, series, split=split)
+    for sid, series_id, desc in series:
+        orientation = AXIAL if desc == "Axial T2" else SAGITTAL
+        write_stack(
+            root / f"{split}_images" / str(sid) / str(series_id),
+            n_slices=4,
+            rows=16,
+            cols=12,
+            orientation=orientation,
+            description=desc,
+            first_rank=sid + series_id % 10,  # different pixels per study and series
+        )
+
+
+def test_flip_tta_is_left_right_consistent(tiny_run, tmp_path) -> None:
+    """Study 302 is study 301 mirrored left-right. With flip TTA the prediction for the mirror
+    must be the original's with every left_* and right_* label swapped, for any network: a
+    left-only finding comes back on the left. Without the swap back it would come back equal."""
+    from lsdc.data.cache import load_stack, preprocess_split
+    from lsdc.data.contract import LEFT_RIGHT_PERMUTATION
+
+    root = tmp_path / "root"
+    _write_split(root, "test", [301])
+    series = pd.read_csv(root / "test_series_descriptions.csv")
+    mirror = series.assign(study_id=302, series_id=series["series_id"] + 10)
+    pd.concat([series, mirror]).to_csv(root / "test_series_descriptions.csv", index=False)
+    cache = tmp_path / "cache"
+    import shutil
+
+    for src, dst in zip(series["series_id"], mirror["series_id"], strict=True):
+        shutil.copytree(
+            root / "test_images" / "301" / str(src), root / "test_images" / "302" / str(dst)
+        )
+    preprocess_split(root, cache, "test", progress=False)
+    for series_id in mirror["series_id"]:
+        stack = load_stack(cache, 302, series_id, mmap=False)
+        g = stack.geometry
+        lr_axis = int(
+            np.argmax(np.abs(np.stack([g.normal, g.column_direction, g.row_direction])[:, 0]))
+        )
+        np.save(cache / "302" / str(series_id) / "0.npy", np.flip(stack.array, axis=lr_axis).copy())
+
+    out = tmp_path / "submission.csv"
+    predict_split(root, [tiny_run], out, tta_flip=True, cache_dir=cache, progress=False)
+    sub = pd.read_csv(out)
+    original, mirrored = _study_probs(sub, 301), _study_probs(sub, 302)
+    np.testing.assert_allclose(mirrored, original[LEFT_RIGHT_PERMUTATION], atol=1e-5)
+    assert np.abs(original[LEFT_RIGHT_PERMUTATION] - original).max() > 1e-4  # the test can fail
