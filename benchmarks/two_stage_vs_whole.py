@@ -1,0 +1,216 @@
+"""The two-stage model against the whole-series model on one synthetic split: official test
+scores (beside the class prior and the oracle), training seconds, and stage 1's OOF localisation.
+
+Usage::
+
+    python benchmarks/two_stage_vs_whole.py --out /tmp/lsdc-evidence \\
+        [--train-studies 120] [--test-studies 40] [--image-size 64] [--slices 12] [--seed 7] \\
+        [--whole-config demo] [--two-stage-config two_stage_demo] [key=value ...]
+
+Both models train with ``lsdc train`` on the same cache and the same folds (``key=value``
+overrides apply to both, e.g. ``folds.n_folds=4 folds.fold=0``), are served by ``lsdc predict``
+(flip TTA, no calibration, so neither gets help the other lacks) on the same test split, and are
+scored by the official metric against ``solution_test.csv``. The oracle is the generator's true
+class probabilities; "gap closed" is (prior - model) / (prior - oracle). The synthetic root and
+caches are reused when ``--out`` already holds them; trained runs too with ``--reuse`` (a run
+whose training was stopped early is served from the best epoch it reached).
+Training seconds are the engine's (``RUN/metrics.csv``: every epoch, validation included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lsdc.cli import main as lsdc
+from lsdc.data.contract import (
+    PRED_COLUMNS,
+    labels_to_solution,
+    load_solution,
+    load_train_labels,
+    parse_row_id,
+)
+from lsdc.evaluation.metric import official_score
+from lsdc.training.two_stage import localization_oof, summarize_localization
+from lsdc.utils import write_json_atomic
+
+
+def _run(argv: list[str]) -> float:
+    """Run one lsdc verb, fail loudly, return its wall-clock seconds."""
+    started = time.perf_counter()
+    code = lsdc(argv)
+    if code != 0:
+        raise SystemExit(f"lsdc {' '.join(argv)} failed with exit code {code}")
+    return time.perf_counter() - started
+
+
+def _prior_submission(run: Path, row_ids: pd.Series) -> pd.DataFrame:
+    """The training labels' class frequencies for every row (the no-image baseline)."""
+    prior = pd.read_csv(run / "class_prior.csv").set_index("label_column")
+    columns = [f"{c}_{lv}" for _, c, lv in (parse_row_id(r) for r in row_ids)]
+    frame = prior.loc[columns, list(PRED_COLUMNS)].reset_index(drop=True)
+    frame.insert(0, "row_id", row_ids.to_numpy())
+    return frame
+
+
+def _oof_score(root: Path, run: Path) -> float:
+    """Official score of the run's best-epoch validation predictions (every trained fold)."""
+    oof = pd.concat([pd.read_csv(p) for p in sorted(run.glob("fold*/oof.csv"))])
+    solution = labels_to_solution(load_train_labels(root / "train.csv"))
+    return official_score(solution[solution["row_id"].isin(oof["row_id"])], oof).score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="scratch folder (reused)")
+    parser.add_argument("--train-studies", type=int, default=120)
+    parser.add_argument("--test-studies", type=int, default=40)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--whole-config", default="demo", help="the whole-series config")
+    parser.add_argument("--two-stage-config", default="two_stage_demo")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep finished runs in --out instead of retraining"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="for both trainings")
+    args = parser.parse_args()
+
+    out: Path = args.out
+    root, train_cache, test_cache = out / "root", out / "cache_train", out / "cache_test"
+    if not (root / "solution_test.csv").is_file():
+        _run(
+            [
+                "synth",
+                "--out",
+                str(root),
+                "--train-studies",
+                str(args.train_studies),
+                "--test-studies",
+                str(args.test_studies),
+                "--image-size",
+                str(args.image_size),
+                "--slices",
+                str(args.slices),
+                "--seed",
+                str(args.seed),
+                "--quiet",
+            ]
+        )
+    for split, cache in (("train", train_cache), ("test", test_cache)):
+        if not (cache / "index.csv").is_file():
+            _run(["preprocess", "--data", str(root), "--cache", str(cache), "--split", split])
+
+    solution = load_solution(root / "solution_test.csv")
+    scores: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    runs = {
+        "two-stage": (args.two_stage_config, out / "run_two_stage"),
+        "whole-series": (args.whole_config, out / "run_whole"),
+    }
+    for name, (config, run) in runs.items():
+        if not (args.reuse and any(run.glob("fold*/best.pt"))):
+            shutil.rmtree(run, ignore_errors=True)
+            _run(
+                [
+                    "train",
+                    "--config",
+                    config,
+                    "--data",
+                    str(root),
+                    "--cache",
+                    str(train_cache),
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                    *args.overrides,
+                ]
+            )
+        metrics = pd.concat([pd.read_csv(p) for p in sorted(run.glob("fold*/metrics.csv"))])
+        seconds[name] = float(metrics["seconds"].sum())
+        submission = out / f"submission_{run.name}.csv"
+        _run(
+            [
+                "predict",
+                "--data",
+                str(root),
+                "--run",
+                str(run),
+                "--cache",
+                str(test_cache),
+                "--out",
+                str(submission),
+                "--tta",
+                "flip",
+                "--no-calibration",
+                "--quiet",
+            ]
+        )
+        scores[name] = official_score(solution, pd.read_csv(submission)).as_dict()
+    both = out / "submission_ensemble.csv"
+    _run(
+        [
+            "predict",
+            "--data",
+            str(root),
+            "--run",
+            *(str(r) for _, r in runs.values()),
+            "--cache",
+            str(test_cache),
+            "--out",
+            str(both),
+            "--tta",
+            "flip",
+            "--no-calibration",
+            "--quiet",
+        ]
+    )
+    scores["ensemble (both runs)"] = official_score(solution, pd.read_csv(both)).as_dict()
+    scores["class prior"] = official_score(
+        solution, _prior_submission(runs["two-stage"][1], solution["row_id"])
+    ).as_dict()
+    scores["oracle"] = official_score(solution, pd.read_csv(root / "oracle_test.csv")).as_dict()
+
+    prior, oracle = scores["class prior"]["score"], scores["oracle"]["score"]
+    table = pd.DataFrame(scores).T
+    table["gap_closed"] = (prior - table["score"]) / (prior - oracle)
+    table["train_seconds"] = pd.Series(seconds)
+    table["oof_score"] = pd.Series({name: _oof_score(root, run) for name, (_, run) in runs.items()})
+    table["epochs"] = pd.Series(
+        {
+            name: sum(len(pd.read_csv(p)) for p in run.glob("fold*/metrics.csv"))
+            for name, (_, run) in runs.items()
+        }
+    )
+    pd.set_option("display.width", 140)
+    n_train = len(load_train_labels(root / "train.csv"))
+    n_test = solution["row_id"].map(lambda r: parse_row_id(r)[0]).nunique()
+    print(
+        f"\nSynthetic split {root}: {n_train} train studies, {n_test} scored test studies, "
+        f"{len(solution)} scored rows; overrides {args.overrides or 'none'}"
+    )
+    print(table.round(4).to_string())
+
+    errors = localization_oof(runs["two-stage"][1], train_cache, root)
+    summary = summarize_localization(errors)
+    print("\nStage 1 out-of-fold localisation (fused point vs labelled centre):")
+    print(summary.round(3).to_string(index=False))
+
+    figures = {
+        "scores": table.to_dict(orient="index"),
+        "localization": summary.to_dict(orient="records"),
+        "argv": vars(args),
+    }
+    write_json_atomic(figures, out / "figures.json")
+    print(f"\nfigures: {out / 'figures.json'}")
+    if not np.isfinite(table["score"]).all():
+        raise SystemExit("a score is not finite")
+
+
+if __name__ == "__main__":
+    main()

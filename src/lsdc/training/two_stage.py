@@ -1,0 +1,396 @@
+"""The ``two_stage`` task: localise every finding, then grade a crop around each one.
+
+One network, two parts, trained together by the one engine: a heatmap localizer
+(``lsdc.models.localizer``) reads each series on a fixed grid and is supervised by the label
+coordinates; a level grader (``lsdc.models.level_grader``, the config's ``model``) grades 25 crops
+per study. During training the crops are cut around the *labelled* points, jittered by about
+stage 1's error; at validation and inference they are cut around the points the localizer
+predicts, so the OOF score is that of the served pipeline. Because both parts live in one module,
+folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and ``predict_run`` work unchanged.
+
+Task settings (``task_params``, every key checked): see :class:`TwoStageParams`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from lsdc.data.contract import (
+    CONDITION_GROUP,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    N_LABELS,
+    label_index,
+    labels_to_indices,
+    load_label_coordinates,
+)
+from lsdc.data.crops import CropSpec
+from lsdc.data.level_datasets import (
+    LABEL_SERIES,
+    CropAugment,
+    StackStore,
+    TwoStageDataset,
+    fuse_points,
+    label_points_mm,
+    study_crops,
+)
+from lsdc.models.localizer import localizer_loss, soft_argmax
+from lsdc.training.config import ConfigError, TrainConfig
+from lsdc.training.loss import severity_loss
+from lsdc.training.tasks import TrainingTask, build_registered_model, register_task
+
+
+@dataclass
+class TwoStageParams:
+    """``task_params`` of the two_stage task.
+
+    Attributes:
+        localizer: keyword arguments of the registered ``localizer`` model (e.g. ``features``).
+        localizer_weight: weight of the localisation loss beside the grading loss.
+        heatmap_sigma: width of the Gaussian heatmap target, in grid voxels.
+        crop_field_mm: side of each crop's square field, mm (~50 mm covers one disc level).
+        crop_size: crop pixels per side.
+        crop_slices: planes per crop, centred on the point.
+        crop_step_mm: distance between planes; null takes each series' own slice spacing.
+        jitter_mm: standard deviation per patient axis of the training crops' centre offset; set
+            it to stage 1's OOF error (``benchmarks/two_stage_vs_whole.py`` prints it).
+    """
+
+    localizer: dict[str, Any] = field(default_factory=dict)
+    localizer_weight: float = 1.0
+    heatmap_sigma: float = 1.5
+    crop_field_mm: float = 50.0
+    crop_size: int = 32
+    crop_slices: int = 5
+    crop_step_mm: float | None = None
+    jitter_mm: float = 3.0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> TwoStageParams:
+        """Check ``config.task_params`` key by key and build the settings.
+
+        Raises:
+            ConfigError: an unknown key, or a value of the wrong type or range.
+        """
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in config.task_params.items():
+            if key not in names:
+                raise ConfigError(
+                    f"unknown config key 'task_params.{key}' for task two_stage; "
+                    f"known keys: {sorted(names)}"
+                )
+            expected = dict if key == "localizer" else (int, float)
+            if key == "crop_step_mm" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise ConfigError(f"config key 'task_params.{key}' has a bad value {value!r}")
+        params = cls(**config.task_params)
+        checks = (
+            (params.localizer_weight >= 0, "localizer_weight", "must be >= 0"),
+            (params.heatmap_sigma > 0, "heatmap_sigma", "must be > 0"),
+            (params.crop_field_mm > 0, "crop_field_mm", "must be > 0"),
+            (
+                params.crop_size >= 4 and float(params.crop_size).is_integer(),
+                "crop_size",
+                "must be an integer >= 4",
+            ),
+            (
+                params.crop_slices >= 1 and float(params.crop_slices).is_integer(),
+                "crop_slices",
+                "must be an integer >= 1",
+            ),
+            (
+                params.crop_step_mm is None or params.crop_step_mm > 0,
+                "crop_step_mm",
+                "must be null or > 0",
+            ),
+            (params.jitter_mm >= 0, "jitter_mm", "must be >= 0"),
+        )
+        for ok, key, problem in checks:
+            if not ok:
+                raise ConfigError(f"config key 'task_params.{key}' {problem}")
+        return params
+
+    def crop_spec(self) -> CropSpec:
+        return CropSpec(
+            field_mm=float(self.crop_field_mm),
+            size=int(self.crop_size),
+            n_slices=int(self.crop_slices),
+            slice_step_mm=self.crop_step_mm,
+        )
+
+
+class TwoStageNet(nn.Module):
+    """The localizer and the grader as one module (one checkpoint, one EMA, one DDP wrapper).
+
+    ``forward`` runs both on given crops (training); serving calls ``localizer`` first and cuts
+    the grader's crops around its points (see :meth:`TwoStageTask.forward`).
+    """
+
+    def __init__(self, localizer: nn.Module, grader: nn.Module) -> None:
+        super().__init__()
+        self.localizer = localizer
+        self.grader = grader
+
+    def localize(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, V, 1, *grid)`` -> heatmap logits ``(B, V, 25, *grid)``."""
+        b, v = volumes.shape[:2]
+        return self.localizer(volumes.flatten(0, 1)).unflatten(0, (b, v))
+
+    def forward(
+        self, volumes: torch.Tensor, crops: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heatmaps of every series and grading logits ``(B, 25, 3)`` of the given crops."""
+        return self.localize(volumes), self.grader(crops)
+
+
+@register_task
+class TwoStageTask(TrainingTask):
+    """Stage 1 (localizer) + stage 2 (level grader) trained jointly; see the module docstring."""
+
+    name = "two_stage"
+
+    def __init__(self, config: TrainConfig, cache_dir: Path, data_root: Path | None) -> None:
+        super().__init__(config, cache_dir, data_root)
+        if config.augment.elastic_prob > 0:
+            raise ConfigError(
+                "config key 'augment.elastic_prob': the two_stage task does not deform crops; set 0"
+            )
+        self.params = TwoStageParams.from_config(config)
+        self.spec = self.params.crop_spec()
+        self.grid = tuple(int(g) for g in config.data.volume_size)
+        if min(self.grid) < 16 or max(self.grid) < 32:
+            raise ConfigError(
+                f"config key 'data.volume_size' {list(self.grid)}: the two_stage localizer pools "
+                "four times, so every axis needs at least 16 voxels and one axis at least 32"
+            )
+        self.store = StackStore(self.cache_dir, in_memory=config.data.cache_in_memory)
+        self._labels: pd.DataFrame | None = None
+        self._points: dict[int, np.ndarray] | None = None
+
+    # ----------------------------------------------------------------------------- data
+    def training_labels(self) -> pd.DataFrame:
+        if self._labels is None:
+            self._labels = self.study_labels()
+        return self._labels
+
+    def labelled_points(self) -> dict[int, np.ndarray]:
+        """study_id -> (25, 3) patient points of train_label_coordinates.csv (NaN unknown)."""
+        if self._points is None:
+            assert self.data_root is not None
+            coordinates = load_label_coordinates(self.data_root / "train_label_coordinates.csv")
+            self._points = {
+                int(s): label_points_mm(self.store, coordinates, int(s))
+                for s in self.training_labels()["study_id"]
+            }
+        return self._points
+
+    def fit_state(self, train_study_ids: np.ndarray) -> dict[str, Any]:
+        """No statistics: crops are normalised by their own stack, volumes by themselves."""
+        return {}
+
+    def build_dataset(self, study_ids: np.ndarray, state: dict[str, Any], train: bool) -> Dataset:
+        targets, points = None, None
+        if self.data_root is not None:
+            labels = self.training_labels().set_index("study_id").reindex(study_ids)
+            targets = labels_to_indices(labels.reset_index())
+            points = self.labelled_points()
+        a = self.config.augment
+        augment = (
+            CropAugment(
+                jitter_mm=self.params.jitter_mm,
+                affine_prob=a.affine_prob,
+                rotate_degrees=a.rotate_degrees,
+                scale=a.scale,
+                flip_prob=a.flip_prob,
+                noise_prob=a.noise_prob,
+                noise_std=a.noise_std,
+                shift_prob=a.shift_prob,
+                intensity_shift=a.intensity_shift,
+            )
+            if train
+            else None
+        )
+        return TwoStageDataset(
+            self.store,
+            study_ids,
+            self.grid,
+            self.spec,
+            targets=targets,
+            points_mm=points,
+            augment=augment,
+            seed=self.config.seed,
+        )
+
+    def build_model(self, state: dict[str, Any]) -> nn.Module:
+        import lsdc.models  # noqa: F401  (registers every model)
+        from lsdc.models.registry import create_model
+
+        localizer = create_model("localizer", n_points=N_LABELS, **self.params.localizer)
+        return TwoStageNet(localizer, build_registered_model(self.config))
+
+    # --------------------------------------------------------------------------- model
+    def predicted_points(self, net: TwoStageNet, batch: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """Heatmaps and the fused patient points ``(B, 25, 3)`` the localizer finds."""
+        heatmaps = net.localize(batch["volumes"])
+        grid_points = soft_argmax(heatmaps.flatten(1, 2)).unflatten(1, heatmaps.shape[1:3])
+        grid_points = grid_points.float().cpu().numpy()
+        study_ids = batch["study_id"].cpu().numpy()
+        points = np.stack(
+            [
+                fuse_points(self.store, int(s), grid_points[i], self.grid)
+                for i, s in enumerate(study_ids)
+            ]
+        )
+        return heatmaps, points
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training: both parts on the dataset's crops in one call (DDP syncs both). Serving:
+        localise, cut crops around the predicted points, grade them."""
+        if "crops" in batch:
+            heatmaps, logits = model(batch["volumes"], batch["crops"])
+            return {"heatmaps": heatmaps, "logits": logits}
+        net = model.module if isinstance(model, DistributedDataParallel) else model
+        heatmaps, points = self.predicted_points(net, batch)
+        flipped = bool(batch["flipped"][0]) if "flipped" in batch else False
+        crops = np.stack(
+            [
+                study_crops(self.store, int(s), points[i], self.spec, flipped=flipped)[0]
+                for i, s in enumerate(batch["study_id"].cpu().numpy())
+            ]
+        )
+        logits = net.grader(torch.from_numpy(crops).to(batch["volumes"].device))
+        return {"heatmaps": heatmaps, "logits": logits}
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """The metric-shaped grading loss plus the weighted localisation loss."""
+        grading = severity_loss(
+            outputs["logits"], batch["target"], self.config.loss.any_severe_weight
+        )
+        if self.params.localizer_weight == 0:
+            return grading
+        heatmaps = outputs["heatmaps"]
+        mask = batch["point_mask"] & batch["volume_present"][..., None]
+        locating = localizer_loss(
+            heatmaps.flatten(0, 1),
+            batch["point_targets"].flatten(0, 1),
+            mask.flatten(0, 1),
+            sigma=self.params.heatmap_sigma,
+        )
+        return grading + self.params.localizer_weight * locating
+
+    def probabilities(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = outputs["logits"].float().softmax(dim=-1)
+        return probs, torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
+
+    def flip_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Serve the study as its mirror image: each crop swaps with its twin (see study_crops)."""
+        flipped = torch.ones(
+            len(batch["study_id"]), dtype=torch.bool, device=batch["study_id"].device
+        )
+        return {**batch, "flipped": flipped}
+
+
+# ------------------------------------------------------------------------- localisation OOF
+GROUP_OF_LABEL = np.array([CONDITION_GROUP[c] for c in CONDITIONS for _ in LEVELS])
+
+
+def localization_oof(
+    run_dir: str | Path, cache_dir: str | Path, data_root: str | Path
+) -> pd.DataFrame:
+    """Stage 1's out-of-fold errors: every labelled point of every validation study.
+
+    Each fold's served model localises its own validation studies; the fused point is compared
+    with the labelled centre in mm, and the slice it falls on (in the source geometry of the
+    labelled series: which parasagittal T1 slice, which axial slice) with the labelled slice.
+
+    Returns:
+        One row per (study, label column) with a labelled point: study_id, label, group, series,
+        error_mm, slice_true, slice_pred.
+    """
+    from lsdc.training.checkpoint import load_checkpoint
+    from lsdc.training.config import config_from_dict
+
+    run_dir, cache_dir, data_root = Path(run_dir), Path(cache_dir), Path(data_root)
+    folds = pd.read_csv(run_dir / "folds.csv")
+    coordinates = load_label_coordinates(data_root / "train_label_coordinates.csv")
+    rows = []
+    for fold in sorted(folds["fold"].unique()):
+        best = run_dir / f"fold{fold}" / "best.pt"
+        if not best.is_file():
+            continue
+        ckpt = load_checkpoint(best, map_location="cpu")
+        task = TwoStageTask(config_from_dict(ckpt["config"]), cache_dir, None)
+        model = task.build_model(ckpt["task_state"])
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        ids = folds.loc[folds["fold"] == fold, "study_id"].to_numpy()
+        dataset = task.build_dataset(ids, ckpt["task_state"], train=False)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            batch = {k: v[None] for k, v in item.items()}
+            with torch.no_grad():
+                _, points = task.predicted_points(model, batch)
+            study_id = int(ids[i])
+            rows.extend(_point_errors(task.store, coordinates, study_id, points[0]))
+    return pd.DataFrame(rows)
+
+
+def _point_errors(
+    store: StackStore, coordinates: pd.DataFrame, study_id: int, predicted: np.ndarray
+) -> list[dict[str, Any]]:
+    truth = label_points_mm(store, coordinates, study_id)
+    rows = []
+    for row in coordinates[coordinates["study_id"] == study_id].itertuples():
+        j = label_index(row.condition_key, row.level_key)
+        for key in store.series_stacks(study_id, int(row.series_id)):
+            source = store.load(key).source_geometry
+            if int(row.instance_number) not in source.instance_numbers:
+                continue
+            slice_true = source.slice_index(int(row.instance_number))
+            voxel = source.patient_to_voxel(predicted[j][None])[0]
+            rows.append(
+                {
+                    "study_id": study_id,
+                    "label": LABEL_COLUMNS[j],
+                    "group": GROUP_OF_LABEL[j],
+                    "series": LABEL_SERIES[j],
+                    "error_mm": float(np.linalg.norm(predicted[j] - truth[j])),
+                    "slice_true": slice_true,
+                    "slice_pred": int(np.clip(np.round(voxel[0]), 0, source.n_slices - 1)),
+                }
+            )
+            break
+    return rows
+
+
+def summarize_localization(errors: pd.DataFrame) -> pd.DataFrame:
+    """Per scoring group and overall: median and 90th-percentile point error (mm), slice
+    accuracy exact and within one slice."""
+
+    def summary(frame: pd.DataFrame) -> dict[str, float]:
+        off = (frame["slice_pred"] - frame["slice_true"]).abs()
+        return {
+            "points": len(frame),
+            "median_mm": float(frame["error_mm"].median()),
+            "p90_mm": float(frame["error_mm"].quantile(0.9)),
+            "slice_exact": float((off == 0).mean()),
+            "slice_within_1": float((off <= 1).mean()),
+        }
+
+    rows = [{"group": g, **summary(f)} for g, f in errors.groupby("group", sort=False)]
+    rows.append({"group": "all", **summary(errors)})
+    return pd.DataFrame(rows)

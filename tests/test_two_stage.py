@@ -1,0 +1,278 @@
+"""The two-stage model: level points across series, mirroring with label swap, and the task
+trained and served through the one engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lsdc.data.contract import (
+    IGNORE_INDEX,
+    LABEL_COLUMNS,
+    LEFT_RIGHT_PERMUTATION,
+    label_index,
+    load_label_coordinates,
+)
+from lsdc.data.crops import CropSpec, extract_crop, locate_in_stacks
+from lsdc.data.geometry import StackGeometry
+from lsdc.data.level_datasets import (
+    IS_RIGHT,
+    IS_SPINAL,
+    CropAugment,
+    StackStore,
+    TwoStageDataset,
+    complete_points,
+    grid_to_voxel,
+    label_points_mm,
+    study_crops,
+    voxel_to_grid,
+)
+from lsdc.training.config import ConfigError, load_config
+
+torch.set_num_threads(1)
+
+TWO_STAGE_TINY = [
+    "data.volume_size=[16,32,32]",
+    "data.batch_size=2",
+    "model.params={widths: [8, 8, 16, 16], layers: [1, 1, 1, 1]}",
+    "task_params.localizer={features: [4, 4, 8, 8, 8, 4]}",
+    "task_params.crop_size=16",
+    "task_params.crop_slices=3",
+    "optim.epochs=1",
+    "folds.n_folds=2",
+]
+
+
+def _synth(root: Path, **rates: float) -> tuple[Path, Path]:
+    from lsdc.data.cache import preprocess_split
+    from lsdc.data.synth import SynthConfig, synthesize
+
+    config = SynthConfig(train_studies=3, test_studies=0, seed=3, image_size=32, slices=8)
+    config = config.__class__(**{**config.__dict__, **rates})
+    synthesize(root / "root", config, progress=False)
+    preprocess_split(root / "root", root / "cache", "train", progress=False)
+    return root / "root", root / "cache"
+
+
+@pytest.fixture(scope="module")
+def split_axial(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Every study's Axial T2 is one series of two tilted stacks, every series oblique."""
+    return _synth(
+        tmp_path_factory.mktemp("two_stack"), multi_stack_axial_rate=1.0, oblique_rate=1.0
+    )
+
+
+@pytest.fixture(scope="module")
+def two_axial_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Every study's Axial T2 comes as two series, every series oblique."""
+    return _synth(
+        tmp_path_factory.mktemp("two_series"), two_axial_series_rate=1.0, oblique_rate=1.0
+    )
+
+
+@pytest.mark.parametrize("layout", ["split_axial", "two_axial_series"])
+def test_sagittal_level_points_land_on_the_labelled_axial_slice(
+    layout: str, request: pytest.FixtureRequest
+) -> None:
+    """The canal point of each level, annotated on Sagittal T2, projected through patient mm
+    into the study's axial stacks, falls in the series and stack, and on the slice (within one),
+    that the readers used for that level's subarticular labels."""
+    root, cache = request.getfixturevalue(layout)
+    store = StackStore(cache)
+    coordinates = load_label_coordinates(root / "train_label_coordinates.csv")
+    checked, exact = 0, 0
+    for study_id in store.study_ids():
+        axial = store.stacks(int(study_id), "Axial T2")
+        assert len(axial) >= 2, "the fixture should give every study two axial stacks"
+        points = label_points_mm(store, coordinates, int(study_id))
+        rows = coordinates[
+            (coordinates["study_id"] == study_id)
+            & (coordinates["condition_key"].str.endswith("subarticular_stenosis"))
+        ]
+        loaded = [store.load(k) for k in axial]
+        for row in rows.itertuples():
+            canal = points[label_index("spinal_canal_stenosis", row.level_key)]
+            if np.isnan(canal).any():
+                continue
+            k, voxel = locate_in_stacks(
+                canal, [s.geometry for s in loaded], [s.array.shape for s in loaded]
+            )
+            assert axial[k][1] == row.series_id, f"{study_id} {row.level_key}: wrong series"
+            source = loaded[k].source_geometry
+            assert int(row.instance_number) in source.instance_numbers, "wrong stack"
+            labelled_slice = source.slice_index(int(row.instance_number))
+            found_slice = round(source.patient_to_voxel(canal[None])[0, 0])
+            assert abs(found_slice - labelled_slice) <= 1
+            exact += found_slice == labelled_slice
+            checked += 1
+    assert checked >= 10
+    assert exact / checked >= 0.8
+
+
+def test_grid_mapping_round_trips() -> None:
+    voxels = np.array([[0.0, 0.0, 0.0], [7.0, 39.0, 35.0], [3.2, 11.5, 20.25]])
+    on_grid = voxel_to_grid(voxels, (8, 40, 36), (16, 32, 32))
+    np.testing.assert_allclose(grid_to_voxel(on_grid, (8, 40, 36), (16, 32, 32)), voxels)
+    # Pixel centres align as F.interpolate(align_corners=False) aligns them.
+    np.testing.assert_allclose(
+        voxel_to_grid([[0.0, 0.0, 0.0]], (8, 8, 8), (16, 16, 16)), [[0.5] * 3]
+    )
+
+
+def test_complete_points_borrows_the_level_of_a_missing_label() -> None:
+    points = np.full((25, 3), np.nan)
+    points[label_index("left_neural_foraminal_narrowing", "l4_l5")] = [10.0, 0.0, 0.0]
+    points[label_index("right_neural_foraminal_narrowing", "l4_l5")] = [-10.0, 2.0, 4.0]
+    filled, present = complete_points(points)
+    np.testing.assert_allclose(filled[label_index("spinal_canal_stenosis", "l4_l5")], [0, 1, 2])
+    assert present.sum() == 5 and not present[label_index("spinal_canal_stenosis", "l1_l2")]
+
+
+def _axis_aligned(shape: tuple[int, int, int], sagittal: bool) -> StackGeometry:
+    """A clean geometry for a cached array: axial (columns along patient x) or sagittal
+    (slices along patient x), 0.9 mm pixels, 3.5 mm slices."""
+    n = shape[0]
+    if sagittal:
+        row, col = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])
+        positions = np.array([[3.5 * k, -20.0, 60.0] for k in range(n)])
+    else:
+        row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+        positions = np.array([[-15.0, -20.0, 3.5 * k] for k in range(n)])
+    return StackGeometry(positions, row, col, (0.9, 0.9), tuple(range(1, n + 1)))
+
+
+@pytest.mark.parametrize("description", ["Axial T2", "Sagittal T1"])
+def test_right_crop_is_the_left_crop_of_the_mirrored_image(
+    description: str, synth_cache: Path
+) -> None:
+    """Flipping the image left-right (axial: columns; sagittal: slice order) and cropping the
+    left twin of a point without mirroring gives exactly the mirrored crop the dataset serves for
+    a right-sided label: the premise of one grader for both sides."""
+    store = StackStore(synth_cache)
+    study_id = int(store.study_ids()[0])
+    array = np.asarray(store.load(store.best[(study_id, description)]).array, dtype=np.float32)
+    sagittal = description.startswith("Sagittal")
+    geometry = _axis_aligned(array.shape, sagittal)
+    flipped = array[::-1] if sagittal else array[:, :, ::-1]
+    centre = geometry.voxel_to_patient((np.array(array.shape)[None] - 1) / 2.0)[0]
+    right = centre + np.array([-6.0, 2.5, -1.5])  # LPS: -x is the patient's right
+    left = right * [-1, 1, 1] + [2 * centre[0], 0, 0]  # its mirror through the centre plane
+    spec = CropSpec(field_mm=30.0, size=12, n_slices=3)
+    served = extract_crop(array, geometry, right, spec, mirror=True)
+    np.testing.assert_allclose(served, extract_crop(flipped, geometry, left, spec), atol=1e-4)
+    assert not np.allclose(served, extract_crop(array, geometry, right, spec), atol=1e-2)
+
+
+def test_training_items_mirror_right_crops_and_keep_their_labels(
+    synth_root: Path, synth_cache: Path
+) -> None:
+    from lsdc.data.contract import labels_to_indices, load_train_labels
+
+    store = StackStore(synth_cache)
+    labels = load_train_labels(synth_root / "train.csv")
+    study_ids = labels["study_id"].to_numpy()[:2]
+    coordinates = load_label_coordinates(synth_root / "train_label_coordinates.csv")
+    points = {int(s): label_points_mm(store, coordinates, int(s)) for s in study_ids}
+    spec = CropSpec(field_mm=40.0, size=16, n_slices=3)
+    dataset = TwoStageDataset(
+        store,
+        study_ids,
+        (16, 32, 32),
+        spec,
+        targets=labels_to_indices(labels.iloc[:2]),
+        points_mm=points,
+        augment=CropAugment(),  # no randomness: the crops must sit exactly on the points
+    )
+    item = dataset[0]
+    study_id = int(study_ids[0])
+    assert item["crops"].shape == (25, 3, 16, 16)
+    assert item["volumes"].shape == (3, 1, 16, 32, 32)
+    filled, _ = complete_points(points[study_id])
+    for j in (
+        label_index("right_subarticular_stenosis", "l4_l5"),
+        label_index("right_neural_foraminal_narrowing", "l2_l3"),
+        label_index("left_subarticular_stenosis", "l4_l5"),
+    ):
+        description = "Axial T2" if "subarticular" in LABEL_COLUMNS[j] else "Sagittal T1"
+        keys = store.stacks(study_id, description)
+        loaded = [store.load(k) for k in keys]
+        k, _ = locate_in_stacks(
+            filled[j], [s.geometry for s in loaded], [s.array.shape for s in loaded]
+        )
+        mean, std = store.intensity(keys[k])
+        expected = (
+            extract_crop(loaded[k].array, loaded[k].geometry, filled[j], spec, mirror=IS_RIGHT[j])
+            - mean
+        ) / std
+        np.testing.assert_allclose(item["crops"][j].numpy(), expected, atol=1e-4)
+    # Labels stay in their own columns (the right crop's output is the right label).
+    expected_target = labels_to_indices(labels.iloc[:1])[0]
+    kept = item["target"].numpy() != IGNORE_INDEX
+    np.testing.assert_array_equal(item["target"].numpy()[kept], expected_target[kept])
+    # The localizer sees every series and is told where each labelled point lies on its grid.
+    assert item["volume_present"].all()
+    assert item["point_mask"].sum() >= 20
+
+
+def test_flipped_study_swaps_every_crop_with_its_twin(synth_cache: Path) -> None:
+    """Flip TTA: the mirrored study's crop of label j is the crop of j's twin (sided labels) or
+    the mirrored canal crop, so that the engine's LEFT_RIGHT_PERMUTATION restores the order."""
+    store = StackStore(synth_cache)
+    study_id = int(store.study_ids()[1])
+    points = np.tile(np.array([[0.0, 0.0, 0.0]]), (25, 1))
+    axial = store.load(store.best[(study_id, "Axial T2")])
+    centre = axial.geometry.voxel_to_patient(np.array(axial.array.shape)[None] / 2.0 - 0.5)[0]
+    points = points + centre + np.random.default_rng(0).normal(0, 3.0, size=(25, 3))
+    spec = CropSpec(field_mm=30.0, size=12, n_slices=3)
+    plain, present = study_crops(store, study_id, points, spec)
+    flipped, _ = study_crops(store, study_id, points, spec, flipped=True)
+    assert present.all()
+    for j in range(25):
+        if IS_SPINAL[j]:
+            assert not np.allclose(flipped[j], plain[j])
+            keys = store.stacks(study_id, "Sagittal T2/STIR")
+            stack = store.load(keys[0])
+            mean, std = store.intensity(keys[0])
+            mirrored = extract_crop(stack.array, stack.geometry, points[j], spec, mirror=True)
+            np.testing.assert_allclose(flipped[j], (mirrored - mean) / std, atol=1e-4)
+        else:
+            np.testing.assert_allclose(flipped[j], plain[LEFT_RIGHT_PERMUTATION[j]], atol=1e-5)
+
+
+def test_task_params_are_checked() -> None:
+    with pytest.raises(ConfigError, match="task_params.crop_sise"):
+        from lsdc.training.two_stage import TwoStageParams
+
+        TwoStageParams.from_config(load_config("two_stage_demo", ["task_params.crop_sise=16"]))
+    with pytest.raises(ConfigError, match="jitter_mm"):
+        TwoStageParams.from_config(load_config("two_stage_demo", ["task_params.jitter_mm=-1"]))
+
+
+def test_train_then_serve_through_the_engine(
+    synth_root: Path, synth_cache: Path, synth_test_cache: Path, tmp_path: Path
+) -> None:
+    """`lsdc train --config two_stage_demo` (shrunk) writes a run that predict_run serves, with
+    flip TTA, and whose localizer the OOF report measures."""
+    from lsdc.cli import main
+    from lsdc.inference.runs import predict_run
+    from lsdc.training.two_stage import localization_oof, summarize_localization
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", "two_stage_demo", "--data", str(synth_root)]
+    argv += ["--cache", str(synth_cache), "--out", str(run), "--no-progress", *TWO_STAGE_TINY]
+    assert main(argv) == 0
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) > 0 and np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1)
+    test_ids = StackStore(synth_test_cache).study_ids()
+    probs = predict_run(run, synth_test_cache, test_ids, tta_flip=True, device="cpu")
+    assert probs.shape == (len(test_ids), 25, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    errors = localization_oof(run, synth_cache, synth_root)
+    assert len(errors) >= 100 and np.isfinite(errors["error_mm"]).all()
+    summary = summarize_localization(errors).set_index("group")
+    assert set(summary.index) == {"spinal", "foraminal", "subarticular", "all"}
+    assert 0 <= summary.loc["all", "slice_exact"] <= summary.loc["all", "slice_within_1"] <= 1
