@@ -72,6 +72,12 @@ def test_unknown_override_and_wrong_type_are_refused() -> None:
         load_config("no_such_config")
 
 
+def test_whole_study_task_refuses_task_params(tmp_path: Path) -> None:
+    config = load_config("tiny", ["task_params.crop_size=3"])
+    with pytest.raises(ConfigError, match=r"whole_study takes no task_params; got \['crop_size'\]"):
+        create_task(config, tmp_path, None)
+
+
 def test_every_shipped_config_loads_and_builds_its_model() -> None:
     for path in sorted(REPO_CONFIG_DIR.glob("*.yaml")):
         if path.name.startswith("two_stage"):

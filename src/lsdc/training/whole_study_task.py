@@ -18,7 +18,7 @@ from lsdc.data.datasets import (
     fit_meta_normaliser,
 )
 from lsdc.data.transforms import flip_left_right, training_transforms
-from lsdc.training.config import TrainConfig
+from lsdc.training.config import ConfigError, TrainConfig
 from lsdc.training.loss import severity_loss
 from lsdc.training.tasks import TrainingTask, build_registered_model, register_task
 
@@ -30,6 +30,10 @@ class WholeStudyTask(TrainingTask):
     name = "whole_study"
 
     def __init__(self, config: TrainConfig, cache_dir: Path, data_root: Path | None) -> None:
+        if config.task_params:
+            raise ConfigError(
+                f"task whole_study takes no task_params; got {sorted(config.task_params)}"
+            )
         super().__init__(config, cache_dir, data_root)
         self.store = StudyVolumeStore(
             self.cache_dir, config.data.volume_size, config.data.cache_in_memory
