@@ -383,7 +383,7 @@ def train_fold(
                 },
                 last_path,
             )
-        if show:
+        if ctx.is_primary:
             tqdm.write(
                 f"fold {fold} epoch {epoch}: train_loss {row['train_loss']:.4f} "
                 f"val_loss {row['val_loss']:.4f} val_score {score:.4f} ({row['seconds']:.1f} s)"

@@ -44,7 +44,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to train (auto: CUDA when available)",
     )
     parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bars or epoch lines"
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (the one-line summary of each epoch stays)",
     )
 
 
