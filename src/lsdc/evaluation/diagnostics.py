@@ -21,6 +21,7 @@ from lsdc.data.contract import (
     LEVELS,
     PRED_COLUMNS,
     SEVERITIES,
+    load_submission,
     parse_row_id,
 )
 from lsdc.errors import UserError
@@ -43,12 +44,7 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
             row_id, or a NaN / infinite / negative probability; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable CSV ({exc})") from exc
+    df = load_submission(path)
     try:
         validate_submission(df)
     except SubmissionError as exc:
