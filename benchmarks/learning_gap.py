@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lsdc.data.contract import PRED_COLUMNS, labels_to_solution, load_train_labels, parse_row_id
+from lsdc.data.contract import labels_to_solution, load_train_labels
 from lsdc.evaluation.metric import official_score
+from lsdc.inference.predict import prior_submission
 
 
 def main() -> None:
@@ -29,12 +30,7 @@ def main() -> None:
     solution = labels_to_solution(load_train_labels(args.data / "train.csv"))
     solution = solution[solution["row_id"].isin(oof["row_id"])]
     oracle = pd.read_csv(args.data / "oracle_train.csv")
-    prior = pd.read_csv(args.run / "class_prior.csv").set_index("label_column")
-    columns = ["_".join(parse_row_id(r)[1:]) for r in solution["row_id"]]
-    prior_sub = pd.DataFrame(
-        prior.loc[columns, list(PRED_COLUMNS)].to_numpy(), columns=PRED_COLUMNS
-    )
-    prior_sub.insert(0, "row_id", solution["row_id"].to_numpy())
+    prior_sub = prior_submission(args.run, solution["row_id"])
 
     scores = {
         name: official_score(solution, sub).score

@@ -29,13 +29,13 @@ import pandas as pd
 
 from lsdc.cli import main as lsdc
 from lsdc.data.contract import (
-    PRED_COLUMNS,
     labels_to_solution,
     load_solution,
     load_train_labels,
     parse_row_id,
 )
 from lsdc.evaluation.metric import official_score
+from lsdc.inference.predict import prior_submission
 from lsdc.training.two_stage import localization_oof, summarize_localization
 from lsdc.utils import write_json_atomic
 
@@ -47,15 +47,6 @@ def _run(argv: list[str]) -> float:
     if code != 0:
         raise SystemExit(f"lsdc {' '.join(argv)} failed with exit code {code}")
     return time.perf_counter() - started
-
-
-def _prior_submission(run: Path, row_ids: pd.Series) -> pd.DataFrame:
-    """The training labels' class frequencies for every row (the no-image baseline)."""
-    prior = pd.read_csv(run / "class_prior.csv").set_index("label_column")
-    columns = [f"{c}_{lv}" for _, c, lv in (parse_row_id(r) for r in row_ids)]
-    frame = prior.loc[columns, list(PRED_COLUMNS)].reset_index(drop=True)
-    frame.insert(0, "row_id", row_ids.to_numpy())
-    return frame
 
 
 def _oof_score(root: Path, run: Path) -> float:
@@ -172,7 +163,7 @@ def main() -> None:
     )
     scores["ensemble (both runs)"] = official_score(solution, pd.read_csv(both)).as_dict()
     scores["class prior"] = official_score(
-        solution, _prior_submission(runs["two-stage"][1], solution["row_id"])
+        solution, prior_submission(runs["two-stage"][1], solution["row_id"])
     ).as_dict()
     scores["oracle"] = official_score(solution, pd.read_csv(root / "oracle_test.csv")).as_dict()
 

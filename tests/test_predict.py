@@ -308,3 +308,18 @@ def test_flip_tta_is_left_right_consistent(tiny_run, tmp_path) -> None:
     original, mirrored = _study_probs(sub, 301), _study_probs(sub, 302)
     np.testing.assert_allclose(mirrored, original[LEFT_RIGHT_PERMUTATION], atol=1e-5)
     assert np.abs(original[LEFT_RIGHT_PERMUTATION] - original).max() > 1e-4  # the test can fail
+
+
+def test_prior_submission_gives_each_row_its_label_prior(tmp_path) -> None:
+    from lsdc.data.contract import LABEL_COLUMNS, PRED_COLUMNS
+    from lsdc.inference.predict import prior_submission
+
+    rng = np.random.default_rng(0)
+    prior = rng.dirichlet([3, 2, 1], size=len(LABEL_COLUMNS))
+    table = pd.DataFrame(prior, columns=list(PRED_COLUMNS))
+    table.insert(0, "label_column", list(LABEL_COLUMNS))
+    table.to_csv(tmp_path / "class_prior.csv", index=False)
+    rows = ["7_right_subarticular_stenosis_l5_s1", "3_spinal_canal_stenosis_l1_l2"]
+    sub = prior_submission(tmp_path, rows)
+    assert sub["row_id"].tolist() == rows
+    np.testing.assert_allclose(sub[list(PRED_COLUMNS)].to_numpy(), prior[[24, 0]])

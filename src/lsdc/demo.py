@@ -24,11 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from lsdc.data.contract import (
-    PRED_COLUMNS,
     all_row_ids,
     labels_to_solution,
     load_solution,
@@ -134,15 +130,6 @@ def _stage(name: str, clock: float) -> Iterator[Callable[..., None]]:
     print(f"    done in {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def _prior_submission(run_dir: Path, study_ids: list[int]) -> pd.DataFrame:
-    from lsdc.inference.predict import load_class_prior
-
-    prior = load_class_prior(run_dir)
-    frame = pd.DataFrame(np.tile(prior, (len(study_ids), 1)), columns=list(PRED_COLUMNS))
-    frame.insert(0, "row_id", all_row_ids(study_ids))
-    return frame
-
-
 def run_demo(
     out_dir: str | Path,
     config: str = DEMO_CONFIG,
@@ -159,7 +146,7 @@ def run_demo(
     from lsdc.data.cache import preprocess_split
     from lsdc.data.synth import SynthConfig, synthesize
     from lsdc.evaluation.report import evaluate, print_summary
-    from lsdc.inference.predict import predict_split
+    from lsdc.inference.predict import predict_split, prior_submission
     from lsdc.training.train import add_train_arguments, train_from_args
 
     out = Path(out_dir)
@@ -225,7 +212,7 @@ def run_demo(
 
     study_ids = sorted({parse_row_id(r)[0] for r in result.submission["row_id"]})
     scores = {
-        "prior": official_score(solution, _prior_submission(run, study_ids)).score,
+        "prior": official_score(solution, prior_submission(run, all_row_ids(study_ids))).score,
         "model": official_score(solution, result.submission).score,
         "oracle": official_score(solution, load_submission(data / "oracle_test.csv")).score,
     }

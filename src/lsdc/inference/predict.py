@@ -34,6 +34,7 @@ from lsdc.data.contract import (
     PRED_COLUMNS,
     SERIES_DESCRIPTIONS,
     all_row_ids,
+    label_index,
     load_sample_submission,
     load_series_descriptions,
     parse_row_id,
@@ -162,6 +163,19 @@ def load_class_prior(run_dir: str | Path) -> np.ndarray:
     if not (np.isfinite(values).all() and (values >= 0).all() and np.allclose(values.sum(1), 1)):
         raise UserError(f"{path}: every row must be finite, non-negative and sum to 1")
     return values
+
+
+def prior_submission(run_dir: str | Path, row_ids: Sequence[str]) -> pd.DataFrame:
+    """The no-image baseline: each row_id gets its label's training class frequencies.
+
+    Returns:
+        row_id, normal_mild, moderate, severe, in the order of ``row_ids``.
+    """
+    prior = load_class_prior(run_dir)
+    index = [label_index(condition, level) for _, condition, level in map(parse_row_id, row_ids)]
+    frame = pd.DataFrame(prior[index], columns=list(PRED_COLUMNS))
+    frame.insert(0, "row_id", list(row_ids))
+    return frame
 
 
 def check_run(run_dir: str | Path) -> Path:
