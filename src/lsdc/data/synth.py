@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import os
 import shutil
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import pandas as pd
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy.spatial.transform import Rotation
+from tqdm import tqdm
 
 from lsdc.data import phantom, synth_labels
 from lsdc.data.contract import (
@@ -539,16 +544,84 @@ def _oracle_frame(records: list[StudyRecord]) -> pd.DataFrame:
     return frame
 
 
-def synthesize(out_dir: str | Path, config: SynthConfig, progress: bool = True) -> Path:
+def _ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent should
+    act on it (cancel the queue, wait for the running studies, delete the root)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _synthesize_studies(
+    config: SynthConfig,
+    jobs: list[tuple[str, int, int]],
+    out: Path,
+    workers: int,
+    bar: tqdm,
+) -> list[tuple[str, StudyRecord]]:
+    """Render every ``(split, index, study_id)`` job; return (split, record) in finishing order.
+
+    With several workers, a ``spawn`` pool renders the studies: the calling process may already
+    run threads (tqdm's monitor, a caller's torch or BLAS pools) whose locks a forked child could
+    inherit held, and spawning costs under a second per worker. On any exception (a study's own,
+    re-raised unchanged with the worker's traceback as its cause, or Ctrl-C) the studies not
+    started are cancelled and the running ones are waited for, so no worker writes into the root
+    after this returns or raises.
+    """
+    workers = min(workers, len(jobs))
+    done: list[tuple[str, StudyRecord]] = []
+    if workers == 1:
+        for split, index, study_id in jobs:
+            done.append(
+                (split, _synthesize_study(config, split, index, study_id, out / f"{split}_images"))
+            )
+            bar.update()
+        return done
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_ignore_interrupts,
+    ) as pool:
+        try:
+            futures = {
+                pool.submit(
+                    _synthesize_study, config, split, index, study_id, out / f"{split}_images"
+                ): split
+                for split, index, study_id in jobs
+            }
+            for future in as_completed(futures):
+                done.append((futures[future], future.result()))
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return done
+
+
+def synthesize(
+    out_dir: str | Path, config: SynthConfig, progress: bool = True, workers: int = 1
+) -> Path:
     """Write a synthetic competition root to ``out_dir`` (which must be new or empty).
+
+    Studies are independent (each draws from its own seeded Generator), so ``workers`` processes
+    can render them in any order: the records are sorted before the CSVs are written, and the
+    folder is byte-identical whatever the worker count. On any error, or Ctrl-C, the root is
+    removed (or emptied, if it existed) once no worker is writing to it any more.
+
+    Args:
+        out_dir: the competition root to write.
+        config: what to write.
+        progress: show a progress bar (one step per finished study).
+        workers: processes rendering studies; 1 renders them in this process.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        UserError: ``out_dir`` is a file or a non-empty folder, or the config is invalid.
+        UserError: ``out_dir`` is a file or a non-empty folder, ``workers`` < 1, or the config is
+            invalid.
     """
     config.validate()
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
@@ -561,20 +634,17 @@ def synthesize(out_dir: str | Path, config: SynthConfig, progress: bool = True) 
     )
     study_ids = {"train": ids[: counts["train"]], "test": ids[counts["train"] :]}
     jobs = [(split, i, int(sid)) for split in SPLITS for i, sid in enumerate(study_ids[split])]
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="lsdc synth", unit="study")
     records: dict[str, list[StudyRecord]] = {split: [] for split in SPLITS}
+    bar = tqdm(total=len(jobs), desc="lsdc synth", unit="study", disable=not progress)
     try:
-        for split, index, study_id in jobs:
-            records[split].append(
-                _synthesize_study(config, split, index, study_id, out / f"{split}_images")
-            )
+        for split, record in _synthesize_studies(config, jobs, out, workers, bar):
+            records[split].append(record)
     except BaseException:  # leave no half-written root behind, even on Ctrl-C
         for path in [out] if created else list(out.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         raise
+    finally:
+        bar.close()
 
     for split in SPLITS:
         records[split].sort(key=lambda r: r.study_id)
@@ -626,6 +696,13 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
             default=getattr(defaults, name),
             help=f"{help_text} (default %(default)s)",
         )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering studies in parallel; the output is the same for any count "
+        "(default: one per CPU core, %(default)s here)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -642,7 +719,7 @@ def synth_from_args(args: argparse.Namespace) -> int:
     )
     if args.no_realism:
         config = config.without_realism()
-    out = synthesize(args.out, config, progress=not args.quiet)
+    out = synthesize(args.out, config, progress=not args.quiet, workers=args.workers)
     print(
         f"lsdc synth: wrote {config.train_studies} train and {config.test_studies} test studies to {out}"
     )
