@@ -8,7 +8,7 @@ import torch
 
 from lsdc.errors import UserError
 from lsdc.models import create_model, list_models
-from lsdc.models.encoders import DynUNetEncoder, SwinEncoder, ViTEncoder
+from lsdc.models.encoders import DynUNetEncoder, ResNetEncoder, SwinEncoder, ViTEncoder
 from lsdc.training.config import ConfigError, TrainConfig
 from lsdc.training.tasks import build_registered_model
 
@@ -78,3 +78,72 @@ def test_unknown_model_parameter_names_the_key() -> None:
     config.model.params = {"widthz": [4, 4, 4, 4]}
     with pytest.raises(ConfigError, match="model.params.widthz"):
         build_registered_model(config, n_meta=0)
+
+
+WHOLE_STUDY_MODELS = ("resnet3d", "segresnet", "swinunetr", "dynunet", "vit")
+
+
+@pytest.mark.parametrize("name", WHOLE_STUDY_MODELS)
+def test_attention_head_trains_on_every_whole_study_architecture(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, head="attention", hidden=16, attention_heads=2, n_meta=4)
+    volumes, meta = model.example_input(2)
+    tokens = model.forward_features(volumes)
+    out = model(volumes, meta)
+    assert out.shape == (2, 25, 3)
+    assert tokens.ndim == 3 and tokens.shape[0] == 2 and tokens.shape[2] == model.num_features
+    assert tokens.shape[1] == model.head.position.shape[0]  # one position per series cell
+    out.sum().backward()
+    assert model.head.queries.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders.parameters())
+
+
+def test_attention_head_labels_attend_to_their_own_cells() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet3d", head="attention", hidden=16, attention_heads=2).eval()
+    tokens = torch.randn(1, model.head.position.shape[0], model.num_features)
+    base = model.forward_head(tokens, None)
+    changed = tokens.clone()
+    changed[0, 0] += 5.0
+    moved = model.forward_head(changed, None)
+    assert not torch.allclose(base, moved)  # every label sees every cell of every series
+    assert not torch.allclose(base[0, 0], base[0, 1])  # and the labels differ from each other
+
+
+def test_resnet_stages_and_strides_keep_a_map_fine_enough_for_the_levels() -> None:
+    x = torch.randn(1, 1, 16, 64, 64)
+    coarse = ResNetEncoder(widths=(4, 8, 16, 32)).eval()
+    fine = ResNetEncoder(widths=(4, 8, 16, 32), no_max_pool=True, stages=3).eval()
+    finer = ResNetEncoder(
+        widths=(4, 8, 16, 32), no_max_pool=True, stages=3, stem_stride=(1, 2, 2)
+    ).eval()
+    assert coarse.forward_features(x).shape == (1, 32, 1, 2, 2)
+    assert fine.forward_features(x).shape == (1, 16, 2, 8, 8)
+    assert finer.forward_features(x).shape == (1, 16, 4, 8, 8)
+    assert fine.num_features == 16 and not hasattr(fine.net, "layer4")  # no dead weights
+
+
+def test_grid_head_sees_every_level_row_of_a_fine_map() -> None:
+    model = create_model(
+        "resnet3d",
+        img_size=(16, 64, 64),
+        widths=(4, 8, 16, 32),
+        no_max_pool=True,
+        stages=3,
+        pool_grid=(2, 8, 2),
+    )
+    assert model.forward_features(model.example_input(1)[0]).shape == (1, 3 * 16 * 2 * 8 * 2)
+
+
+def test_bad_head_or_stage_count_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="unknown head 'mlp'"):
+        create_model("resnet3d", head="mlp")
+    with pytest.raises(UserError, match="stages must be 1 to 4, got 5"):
+        create_model("resnet3d", stages=5)
+    with pytest.raises(UserError, match="not divisible by heads 3"):
+        create_model("resnet3d", head="attention", hidden=16, attention_heads=3)
+
+
+def test_grid_head_keeps_the_weight_names_of_earlier_checkpoints() -> None:
+    keys = set(create_model("resnet3d").state_dict())
+    assert {"head.1.weight", "head.1.bias", "head.4.weight", "head.4.bias"} <= keys

@@ -32,10 +32,13 @@ class Encoder(nn.Module):
 
 
 class ResNetEncoder(Encoder):
-    """MONAI ``ResNet`` up to ``layer4``.
+    """MONAI ``ResNet`` up to ``layer4`` (or an earlier stage).
 
     ``ResNet.forward`` with ``feed_forward=False`` returns globally pooled features, which lose
-    the level positions, so the stem and the four stages are run here directly.
+    the level positions, so the stem and the stages are run here directly. At the default total
+    stride of 32 a 16 x 64 x 64 series ends as a 1 x 2 x 2 map: too coarse to tell five levels
+    apart, so ``stem_stride`` (per axis), ``no_max_pool`` and ``stages`` (the later stages are
+    dropped, not left as dead weights) trade compute for a finer map.
     """
 
     def __init__(
@@ -45,8 +48,12 @@ class ResNetEncoder(Encoder):
         layers: Sequence[int] = (1, 1, 1, 1),
         stem_kernel: int = 7,
         no_max_pool: bool = False,
+        stem_stride: int | Sequence[int] = 2,
+        stages: int = 4,
     ) -> None:
         super().__init__()
+        if not 1 <= int(stages) <= 4:
+            raise UserError(f"resnet3d stages must be 1 to 4, got {stages}")
         self.net = ResNet(
             block="basic",
             layers=list(layers),
@@ -54,19 +61,24 @@ class ResNetEncoder(Encoder):
             spatial_dims=3,
             n_input_channels=in_chans,
             conv1_t_size=stem_kernel,
-            conv1_t_stride=2,
+            conv1_t_stride=stem_stride if isinstance(stem_stride, int) else tuple(stem_stride),
             no_max_pool=no_max_pool,
             feed_forward=False,
         )
+        self.stages = int(stages)
+        for name in ("layer1", "layer2", "layer3", "layer4")[self.stages :]:
+            delattr(self.net, name)
         self.in_chans = in_chans
-        self.num_features = int(widths[-1])
+        self.num_features = int(widths[self.stages - 1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.act(n.bn1(n.conv1(x)))
         if not n.no_max_pool:
             x = n.maxpool(x)
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4")[: self.stages]:
+            x = getattr(n, name)(x)
+        return x
 
 
 class SegResNetEncoder(Encoder):
