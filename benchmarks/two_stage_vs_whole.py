@@ -4,16 +4,21 @@ scores (beside the class prior and the oracle), training seconds, and stage 1's 
 Usage::
 
     python benchmarks/two_stage_vs_whole.py --out /tmp/lsdc-evidence \\
-        [--train-studies 120] [--test-studies 40] [--image-size 64] [--slices 12] [--seed 7] \\
-        [--whole-config demo] [--two-stage-config two_stage_demo] [key=value ...]
+        [--data ROOT --cache DIR] [--train-studies 1000] [--test-studies 100] [--seed 0] \\
+        [--whole-config demo] [--two-stage-config two_stage_demo] \\
+        [--whole KEY=VALUE] [--two-stage KEY=VALUE] [key=value ...]
 
 Both models train with ``lsdc train`` on the same cache and the same folds (``key=value``
-overrides apply to both, e.g. ``folds.n_folds=4 folds.fold=0``), are served by ``lsdc predict``
-(flip TTA, no calibration, so neither gets help the other lacks) on the same test split, and are
-scored by the official metric against ``solution_test.csv``. The oracle is the generator's true
-class probabilities; "gap closed" is (prior - model) / (prior - oracle). The synthetic root and
-caches are reused when ``--out`` already holds them; trained runs too with ``--reuse`` (a run
-whose training was stopped early is served from the best epoch it reached).
+overrides apply to both, e.g. ``folds.n_folds=3 folds.fold=0``; ``--whole`` and ``--two-stage``
+(repeatable) to one of them, e.g. ``--whole optim.epochs=24`` to give the whole-series model the two-stage
+model's training time), are served by ``lsdc predict`` (flip TTA, no calibration, so neither gets
+help the other lacks) on the same test split, and are scored by the official metric against
+``solution_test.csv``. The oracle is the generator's true class probabilities; "gap closed" is
+(prior - model) / (prior - oracle). The default split is the demo's (``lsdc synth`` defaults,
+1,000 + 100 studies); ``--data ROOT --cache DIR`` reuses a root and its caches (``DIR/train``,
+``DIR/test``: the layout ``lsdc demo`` leaves). The synthetic root and caches are reused when
+``--out`` already holds them; trained runs too with ``--reuse`` (a run whose training was stopped
+early is served from the best epoch it reached).
 Training seconds are the engine's (``RUN/metrics.csv``: every epoch, validation included).
 """
 
@@ -59,13 +64,21 @@ def _oof_score(root: Path, run: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="scratch folder (reused)")
-    parser.add_argument("--train-studies", type=int, default=120)
-    parser.add_argument("--test-studies", type=int, default=40)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--slices", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--data", type=Path, help="an existing synthetic root (skips synth)")
+    parser.add_argument(
+        "--cache", type=Path, help="with --data: its caches, DIR/train and DIR/test"
+    )
+    parser.add_argument("--train-studies", type=int, default=1000)
+    parser.add_argument("--test-studies", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--whole-config", default="demo", help="the whole-series config")
     parser.add_argument("--two-stage-config", default="two_stage_demo")
+    parser.add_argument(
+        "--whole", action="append", default=[], metavar="KEY=VALUE", help="a whole-series override"
+    )
+    parser.add_argument(
+        "--two-stage", action="append", default=[], metavar="KEY=VALUE", help="a two-stage override"
+    )
     parser.add_argument(
         "--reuse", action="store_true", help="keep finished runs in --out instead of retraining"
     )
@@ -73,26 +86,18 @@ def main() -> None:
     args = parser.parse_args()
 
     out: Path = args.out
-    root, train_cache, test_cache = out / "root", out / "cache_train", out / "cache_test"
+    if args.data is not None:
+        root = args.data
+        cache_dir = args.cache if args.cache is not None else out / "cache"
+        train_cache, test_cache = cache_dir / "train", cache_dir / "test"
+    else:
+        root, train_cache, test_cache = out / "root", out / "cache_train", out / "cache_test"
     if not (root / "solution_test.csv").is_file():
-        _run(
-            [
-                "synth",
-                "--out",
-                str(root),
-                "--train-studies",
-                str(args.train_studies),
-                "--test-studies",
-                str(args.test_studies),
-                "--image-size",
-                str(args.image_size),
-                "--slices",
-                str(args.slices),
-                "--seed",
-                str(args.seed),
-                "--quiet",
-            ]
-        )
+        if args.data is not None:
+            raise SystemExit(f"{root}: not a synthetic root (no solution_test.csv)")
+        synth = ["synth", "--out", str(root), "--seed", str(args.seed), "--quiet"]
+        synth += ["--train-studies", str(args.train_studies)]
+        _run(synth + ["--test-studies", str(args.test_studies)])
     for split, cache in (("train", train_cache), ("test", test_cache)):
         if not (cache / "index.csv").is_file():
             _run(["preprocess", "--data", str(root), "--cache", str(cache), "--split", split])
@@ -104,6 +109,7 @@ def main() -> None:
         "two-stage": (args.two_stage_config, out / "run_two_stage"),
         "whole-series": (args.whole_config, out / "run_whole"),
     }
+    own_overrides = {"two-stage": args.two_stage, "whole-series": args.whole}
     for name, (config, run) in runs.items():
         if not (args.reuse and any(run.glob("fold*/best.pt"))):
             shutil.rmtree(run, ignore_errors=True)
@@ -120,6 +126,7 @@ def main() -> None:
                     str(run),
                     "--no-progress",
                     *args.overrides,
+                    *own_overrides[name],
                 ]
             )
         metrics = pd.concat([pd.read_csv(p) for p in sorted(run.glob("fold*/metrics.csv"))])
@@ -183,7 +190,8 @@ def main() -> None:
     n_test = solution["row_id"].map(lambda r: parse_row_id(r)[0]).nunique()
     print(
         f"\nSynthetic split {root}: {n_train} train studies, {n_test} scored test studies, "
-        f"{len(solution)} scored rows; overrides {args.overrides or 'none'}"
+        f"{len(solution)} scored rows; overrides {args.overrides or 'none'}, whole-series "
+        f"{args.whole or 'none'}, two-stage {args.two_stage or 'none'}"
     )
     print(table.round(4).to_string())
 

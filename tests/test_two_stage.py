@@ -14,6 +14,7 @@ from lsdc.data.contract import (
     IGNORE_INDEX,
     LABEL_COLUMNS,
     LEFT_RIGHT_PERMUTATION,
+    N_LABELS,
     label_index,
     load_label_coordinates,
 )
@@ -276,3 +277,24 @@ def test_train_then_serve_through_the_engine(
     summary = summarize_localization(errors).set_index("group")
     assert set(summary.index) == {"spinal", "foraminal", "subarticular", "all"}
     assert 0 <= summary.loc["all", "slice_exact"] <= summary.loc["all", "slice_within_1"] <= 1
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_grader_context_lets_a_crop_see_its_level(context: bool) -> None:
+    from lsdc.models.level_grader import level_grader
+
+    torch.manual_seed(0)
+    grader = level_grader(widths=[4, 8, 8, 8], dropout=0.0, context=context).eval()
+    crops = torch.randn(1, N_LABELS, 3, 16, 16)
+    changed = crops.clone()
+    canal_l3 = label_index("spinal_canal_stenosis", "l3_l4")
+    changed[0, canal_l3] += 3.0  # only the canal crop of L3/L4 changes
+    with torch.no_grad():
+        before, after = grader(crops)[0], grader(changed)[0]
+    foramen_l3 = label_index("left_neural_foraminal_narrowing", "l3_l4")
+    moved = (after - before).abs().sum(dim=-1) > 1e-6
+    assert bool(moved[canal_l3])
+    # With context the same level's foramen (and, through the study mean, every label) moves;
+    # without it each crop is graded alone.
+    assert bool(moved[foramen_l3]) is context
+    assert int(moved.sum()) == (N_LABELS if context else 1)

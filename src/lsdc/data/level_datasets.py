@@ -78,6 +78,13 @@ class StackStore:
         self.in_memory = in_memory
         self._stacks: dict[StackKey, CachedStack] = {}
         self._stats: dict[StackKey, tuple[float, float]] = {}
+        # Lookups by dictionary: a study's stacks are asked for 25 times per item.
+        self._by_description: dict[tuple[int, str], list[StackKey]] = {}
+        self._by_series: dict[tuple[int, int], list[StackKey]] = {}
+        for r in self.index.itertuples():
+            key = (int(r.study_id), int(r.series_id), int(r.stack))
+            self._by_description.setdefault((key[0], str(r.series_description)), []).append(key)
+            self._by_series.setdefault((key[0], key[1]), []).append(key)
 
     def study_ids(self) -> np.ndarray:
         """Every study with at least one usable stack."""
@@ -85,16 +92,11 @@ class StackStore:
 
     def stacks(self, study_id: int, description: str) -> list[StackKey]:
         """Every stack of every series of ``description`` in the study (e.g. all axial stacks)."""
-        rows = self.index[
-            (self.index["study_id"] == study_id) & (self.index["series_description"] == description)
-        ]
-        return [(int(study_id), int(r.series_id), int(r.stack)) for r in rows.itertuples()]
+        return list(self._by_description.get((int(study_id), description), []))
 
     def series_stacks(self, study_id: int, series_id: int) -> list[StackKey]:
-        rows = self.index[
-            (self.index["study_id"] == study_id) & (self.index["series_id"] == series_id)
-        ]
-        return [(int(study_id), int(series_id), int(r.stack)) for r in rows.itertuples()]
+        """Every stack of one series, in stack order."""
+        return list(self._by_series.get((int(study_id), int(series_id)), []))
 
     def load(self, key: StackKey) -> CachedStack:
         if key not in self._stacks:

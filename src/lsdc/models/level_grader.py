@@ -97,7 +97,8 @@ class GRUPool(nn.Module):
 
 
 class LevelGrader(nn.Module):
-    """Slice encoder + slice pooling + level embedding + one 3-class head per scoring group.
+    """Slice encoder + slice pooling + level embedding (+ study context) + one 3-class head per
+    scoring group.
 
     Args:
         backbone: ``"monai_resnet"`` or ``"timm:<name>"`` (needs timm installed).
@@ -105,6 +106,10 @@ class LevelGrader(nn.Module):
         widths: channel widths per stage of the MONAI ResNet.
         pooling: ``"attention"`` or ``"gru"`` over slices.
         dropout: before the heads.
+        context: mix into each crop's features the mean features of its level's other crops and
+            of the whole study (a residual MLP). Degeneration is shared along a disc and a spine,
+            so a crop whose own signal is subtle (a foramen) borrows evidence from clearer
+            neighbours (the canal at the same disc), as a radiologist reading the study would.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class LevelGrader(nn.Module):
         widths: Sequence[int] = (16, 32, 64, 128),
         pooling: str = "attention",
         dropout: float = 0.1,
+        context: bool = True,
     ) -> None:
         super().__init__()
         self.in_chans = 1
@@ -137,6 +143,11 @@ class LevelGrader(nn.Module):
             raise UserError(f"unknown pooling {pooling!r}; use 'attention' or 'gru'")
         self.num_features = pooled
         self.level_embedding = nn.Embedding(len(LEVELS), pooled)
+        self.context = (
+            nn.Sequential(nn.Linear(3 * pooled, pooled), nn.GELU(), nn.Linear(pooled, pooled))
+            if context
+            else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.Linear(pooled, len(GROUPS) * N_CLASSES)
         self.register_buffer("label_group", torch.as_tensor(LABEL_GROUP), persistent=False)
@@ -147,7 +158,15 @@ class LevelGrader(nn.Module):
         b, n_labels, n_slices, h, w = crops.shape
         features = self.encoder(crops.reshape(b * n_labels * n_slices, 1, h, w))
         pooled = self.pool(features.view(b * n_labels, n_slices, -1)).view(b, n_labels, -1)
-        return pooled + self.level_embedding(self.label_level[:n_labels])
+        levels = self.label_level[:n_labels]
+        own = pooled + self.level_embedding(levels)
+        if self.context is None:
+            return own
+        level_sum = own.new_zeros(b, len(LEVELS), own.shape[-1]).index_add(1, levels, own)
+        level_count = torch.bincount(levels, minlength=len(LEVELS)).clamp(min=1).to(own.dtype)
+        level_mean = (level_sum / level_count[None, :, None])[:, levels]
+        study_mean = own.mean(dim=1, keepdim=True).expand_as(own)
+        return own + self.context(torch.cat([own, level_mean, study_mean], dim=-1))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, L, F)`` -> logits ``(B, L, 3)``, each label through its scoring group's head."""
@@ -175,8 +194,14 @@ def level_grader(
     widths: Sequence[int] = (16, 32, 64, 128),
     pooling: str = "attention",
     dropout: float = 0.1,
+    context: bool = True,
 ) -> LevelGrader:
     """Stage-2 crop grader (see :class:`LevelGrader`)."""
     return LevelGrader(
-        backbone=backbone, layers=layers, widths=widths, pooling=pooling, dropout=dropout
+        backbone=backbone,
+        layers=layers,
+        widths=widths,
+        pooling=pooling,
+        dropout=dropout,
+        context=context,
     )

@@ -190,8 +190,10 @@ class TwoStageTask(TrainingTask):
         if self._points is None:
             assert self.data_root is not None
             coordinates = load_label_coordinates(self.data_root / "train_label_coordinates.csv")
+            by_study = dict(iter(coordinates.groupby("study_id")))
+            empty = coordinates.iloc[:0]
             self._points = {
-                int(s): label_points_mm(self.store, coordinates, int(s))
+                int(s): label_points_mm(self.store, by_study.get(s, empty), int(s))
                 for s in self.training_labels()["study_id"]
             }
         return self._points
