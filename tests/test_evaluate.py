@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,16 +70,16 @@ def _score_json(solution, submission, capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def _evaluate(pred: Path, labels_flag: str, labels: Path, out: Path) -> int:
+    """``lsdc evaluate --pred PRED --data|--solution LABELS --out OUT``; the exit status."""
+    return main(["evaluate", "--pred", str(pred), labels_flag, str(labels), "--out", str(out)])
+
+
 @pytest.mark.parametrize("labels_flag", ["--data", "--solution"])
 def test_evaluate_score_equals_lsdc_score(files, capsys, labels_flag) -> None:
     out = files["tmp"] / "eval"
     labels = files["root"] if labels_flag == "--data" else files["solution"]
-    assert (
-        main(
-            ["evaluate", "--pred", str(files["pred"]), labels_flag, str(labels), "--out", str(out)]
-        )
-        == 0
-    )
+    assert _evaluate(files["pred"], labels_flag, labels, out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     expected = _score_json(files["solution"], files["pred"], capsys)
     assert metrics["official"] == pytest.approx(expected, abs=1e-12)
@@ -88,20 +89,7 @@ def test_evaluate_score_equals_lsdc_score(files, capsys, labels_flag) -> None:
 
 def test_breakdowns_match_direct_computation(files) -> None:
     out = files["tmp"] / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(files["pred"]),
-                "--solution",
-                str(files["solution"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(files["pred"], "--solution", files["solution"], out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     sol = pd.read_csv(files["solution"])
     pred = pd.read_csv(files["pred"]).set_index("row_id").loc[sol["row_id"]]
@@ -133,20 +121,7 @@ def test_perfect_predictions_give_auc_one_and_a_diagonal_confusion(files) -> Non
     path = files["tmp"] / "perfect.csv"
     perfect.to_csv(path, index=False)
     out = files["tmp"] / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(path),
-                "--solution",
-                str(files["solution"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(path, "--solution", files["solution"], out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for cond, per_class in metrics["auc"].items():
         for value in per_class.values():
@@ -159,26 +134,11 @@ def test_unlabelled_rows_do_not_count(files, capsys) -> None:
     pred = pd.read_csv(files["pred"])
     unlabelled = ["101_left_subarticular_stenosis_l1_l2", "102_spinal_canal_stenosis_l5_s1"]
     out = files["tmp"] / "eval"
-    main(
-        ["evaluate", "--pred", str(files["pred"]), "--data", str(files["root"]), "--out", str(out)]
-    )
+    _evaluate(files["pred"], "--data", files["root"], out)
     before = json.loads((out / "metrics.json").read_text())["official"]
     pred.loc[pred["row_id"].isin(unlabelled), list(PRED_COLUMNS)] = [1.0, 0.0, 0.0]
     pred[~pred["row_id"].isin(unlabelled[:1])].to_csv(files["pred"], index=False)  # one dropped
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(files["pred"]),
-                "--data",
-                str(files["root"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(files["pred"], "--data", files["root"], out) == 0
     after = json.loads((out / "metrics.json").read_text())["official"]
     assert after == pytest.approx(before, abs=1e-12)
 
@@ -187,36 +147,15 @@ def test_oof_covering_some_studies_scores_only_those(files) -> None:
     pred = pd.read_csv(files["pred"])
     pred[pred["row_id"].str.match(r"^10[12]_")].to_csv(files["pred"], index=False)
     out = files["tmp"] / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(files["pred"]),
-                "--data",
-                str(files["root"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(files["pred"], "--data", files["root"], out) == 0
     assert json.loads((out / "metrics.json").read_text())["n_studies"] == 2
 
 
 def test_missing_scored_row_is_a_one_line_error_naming_the_file(files, capsys) -> None:
     pred = pd.read_csv(files["pred"])
     pred[pred["row_id"] != "103_spinal_canal_stenosis_l1_l2"].to_csv(files["pred"], index=False)
-    code = main(
-        [
-            "evaluate",
-            "--pred",
-            str(files["pred"]),
-            "--solution",
-            str(files["solution"]),
-            "--out",
-            str(files["tmp"] / "e"),
-        ]
+    code = _evaluate(
+        str(files["pred"]), "--solution", str(files["solution"]), str(files["tmp"] / "e")
     )
     err = capsys.readouterr().err
     assert code == 2
@@ -277,20 +216,7 @@ def test_run_with_test_solution_is_refused(files, capsys) -> None:
 
 def test_report_html_is_self_contained_with_decodable_pngs(files) -> None:
     out = files["tmp"] / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(files["pred"]),
-                "--data",
-                str(files["root"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate(files["pred"], "--data", files["root"], out) == 0
     html = (out / "report.html").read_text()
     assert "<img" in html and 'src="http' not in html and "<script" not in html
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)

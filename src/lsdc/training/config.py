@@ -214,7 +214,7 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _convert(value: Any, hint: Any, key: str, origin: dict[str, Path]) -> Any:
+def _convert(value: Any, hint: Any, key: str, origin: dict[str, Path | str]) -> Any:
     """Check and convert one YAML value to the dataclass field type ``hint``."""
     where = origin.get(key, "defaults")
     if dataclasses.is_dataclass(hint):
@@ -255,7 +255,7 @@ def _convert(value: Any, hint: Any, key: str, origin: dict[str, Path]) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], origin: dict[str, Path], prefix: str = "") -> Any:
+def _build(cls: type, data: dict[str, Any], origin: dict[str, Path | str], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -268,6 +268,14 @@ def _build(cls: type, data: dict[str, Any], origin: dict[str, Path], prefix: str
             )
         kwargs[key] = _convert(value, hints[key], dotted, origin)
     return cls(**kwargs)
+
+
+def build_section(cls: type, data: dict[str, Any], section: str) -> Any:
+    """Check a free-form config section (e.g. a task's ``task_params``) against the dataclass
+    ``cls`` with the same rules as every other key: an unknown key or a value of the wrong type
+    raises :class:`ConfigError` naming ``section.key``."""
+    origin: dict[str, Path | str] = {f"{section}.{key}": "config" for key in data}
+    return _build(cls, data, origin, f"{section}.")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -13,7 +13,6 @@ Task settings (``task_params``, every key checked): see :class:`TwoStageParams`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from lsdc.data.level_datasets import (
     study_crops,
 )
 from lsdc.models.localizer import localizer_loss, soft_argmax
-from lsdc.training.config import ConfigError, TrainConfig
+from lsdc.training.config import ConfigError, TrainConfig, build_section
 from lsdc.training.loss import severity_loss
 from lsdc.training.tasks import TrainingTask, build_registered_model, register_task
 
@@ -81,35 +80,16 @@ class TwoStageParams:
         """Check ``config.task_params`` key by key and build the settings.
 
         Raises:
-            ConfigError: an unknown key, or a value of the wrong type or range.
+            ConfigError: an unknown key, or a value of the wrong type (checked as every config
+                key is) or range.
         """
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in config.task_params.items():
-            if key not in names:
-                raise ConfigError(
-                    f"unknown config key 'task_params.{key}' for task two_stage; "
-                    f"known keys: {sorted(names)}"
-                )
-            expected = dict if key == "localizer" else (int, float)
-            if key == "crop_step_mm" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise ConfigError(f"config key 'task_params.{key}' has a bad value {value!r}")
-        params = cls(**config.task_params)
+        params = build_section(cls, config.task_params, "task_params")
         checks = (
             (params.localizer_weight >= 0, "localizer_weight", "must be >= 0"),
             (params.heatmap_sigma > 0, "heatmap_sigma", "must be > 0"),
             (params.crop_field_mm > 0, "crop_field_mm", "must be > 0"),
-            (
-                params.crop_size >= 4 and float(params.crop_size).is_integer(),
-                "crop_size",
-                "must be an integer >= 4",
-            ),
-            (
-                params.crop_slices >= 1 and float(params.crop_slices).is_integer(),
-                "crop_slices",
-                "must be an integer >= 1",
-            ),
+            (params.crop_size >= 4, "crop_size", "must be >= 4"),
+            (params.crop_slices >= 1, "crop_slices", "must be >= 1"),
             (
                 params.crop_step_mm is None or params.crop_step_mm > 0,
                 "crop_step_mm",
@@ -124,9 +104,9 @@ class TwoStageParams:
 
     def crop_spec(self) -> CropSpec:
         return CropSpec(
-            field_mm=float(self.crop_field_mm),
-            size=int(self.crop_size),
-            n_slices=int(self.crop_slices),
+            field_mm=self.crop_field_mm,
+            size=self.crop_size,
+            n_slices=self.crop_slices,
             slice_step_mm=self.crop_step_mm,
         )
 
