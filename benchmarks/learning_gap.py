@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lsdc.data.contract import labels_to_solution, load_train_labels
+from lsdc.contract import labels_to_solution, load_train_labels
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
 

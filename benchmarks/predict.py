@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from lsdc.data.cache import preprocess_split
-from lsdc.data.contract import load_series_descriptions
-from lsdc.data.synth import SynthConfig, synthesize
+from lsdc.contract import load_series_descriptions
 from lsdc.inference.predict import predict_split
 from lsdc.inference.runs import predict_run
+from lsdc.preprocessing.cache import preprocess_split
+from lsdc.synth.generator import SynthConfig, synthesize
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Usage:
     python benchmarks/preprocess.py [--root /tmp/lsdc-bench-preprocess/root] [--studies 30]
         [--image-size 512] [--slices 20] [--repeats 3] [--scratch DIR]
 
-The synthetic root (``lsdc.data.synth``: 512 x 512 slices, 20 per sagittal series and 40 axial
+The synthetic root (``lsdc.synth.generator``: 512 x 512 slices, 20 per sagittal series and 40 axial
 per study by default) is generated once into ``--root`` and reused by later runs. Every figure is
 the best of ``--repeats`` runs with the files already in the page cache for both sides, so the
 comparison is of CPU and memory work, not of the disk. Besides wall-clock rates it prints the
@@ -34,9 +34,9 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 
-from lsdc.data.cache import load_stack, preprocess_split, read_cache_index
-from lsdc.data.dicom import read_series
-from lsdc.data.synth import SynthConfig, synthesize
+from lsdc.preprocessing.cache import load_stack, preprocess_split, read_cache_index
+from lsdc.preprocessing.dicom import read_series
+from lsdc.synth.generator import SynthConfig, synthesize
 
 CROP = 64
 """Half-size in pixels of the level crop read by the two-stage model (about 50 mm at 0.4 mm)."""

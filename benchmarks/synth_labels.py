@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lsdc.data import synth_labels
-from lsdc.data.contract import (
+from lsdc.contract import (
     LABEL_COLUMNS,
     PRED_COLUMNS,
     SEVERITIES,
@@ -30,6 +29,7 @@ from lsdc.data.contract import (
     load_train_labels,
 )
 from lsdc.evaluation.metric import official_score
+from lsdc.synth import labels as synth_labels
 
 SPEC = {
     "spinal_canal_stenosis": (0.878, 0.075, 0.048),

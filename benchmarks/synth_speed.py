@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsdc.data.synth import SynthConfig, synthesize
+from lsdc.synth.generator import SynthConfig, synthesize
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from lsdc.data.contract import CONDITION_GROUP, PRED_COLUMNS, load_label_coordinates
+from lsdc.contract import CONDITION_GROUP, PRED_COLUMNS, load_label_coordinates
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ ARCHITECTURES = ("resnet3d", "segresnet", "dynunet", "swinunetr", "vit")
 def _time_model(name: str, steps: int, batch_size: int, device: str, queue: mp.Queue) -> None:
     import torch
 
-    from lsdc.data.datasets import N_META
-    from lsdc.training.config import load_config
-    from lsdc.training.tasks import build_registered_model
+    from lsdc.config import load_config
+    from lsdc.datasets.whole_study import N_META
+    from lsdc.tasks.base import build_registered_model
 
     torch.manual_seed(0)
     config = load_config(name, [f"data.batch_size={batch_size}"])
@@ -66,10 +66,10 @@ def _time_loader(data: Path, cache: Path, batch_size: int, epochs: int) -> list[
     import numpy as np
     import torch
 
-    from lsdc.training.config import load_config
-    from lsdc.training.distributed import DistContext
+    from lsdc.config import load_config
+    from lsdc.distributed import DistContext
+    from lsdc.tasks.base import create_task
     from lsdc.training.engine import make_loader
-    from lsdc.training.tasks import create_task
 
     config = load_config("demo", [f"data.batch_size={batch_size}"])
     task = create_task(config, cache, data)

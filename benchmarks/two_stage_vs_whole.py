@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from lsdc.cli import main as lsdc
-from lsdc.data.contract import (
+from lsdc.contract import (
     labels_to_solution,
     load_solution,
     load_train_labels,
@@ -41,7 +41,7 @@ from lsdc.data.contract import (
 )
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
-from lsdc.training.two_stage import localization_oof, summarize_localization
+from lsdc.tasks.two_stage import localization_oof, summarize_localization
 from lsdc.utils import write_json_atomic
 
 

@@ -17,7 +17,7 @@ TINY_SYNTH = {"train_studies": 6, "test_studies": 2, "seed": 0, "image_size": 32
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic competition root (``lsdc synth`` at TINY_SYNTH)."""
-    from lsdc.data.synth import SynthConfig, synthesize
+    from lsdc.synth.generator import SynthConfig, synthesize
 
     return synthesize(
         tmp_path_factory.mktemp("synth") / "root", SynthConfig(**TINY_SYNTH), progress=False
@@ -27,7 +27,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_cache(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The train split of ``synth_root``, preprocessed."""
-    from lsdc.data.cache import preprocess_split
+    from lsdc.preprocessing.cache import preprocess_split
 
     cache = tmp_path_factory.mktemp("cache") / "train"
     preprocess_split(synth_root, cache, "train", progress=False)
@@ -37,7 +37,7 @@ def synth_cache(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def synth_test_cache(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test split of ``synth_root``, preprocessed."""
-    from lsdc.data.cache import preprocess_split
+    from lsdc.preprocessing.cache import preprocess_split
 
     cache = tmp_path_factory.mktemp("cache") / "test"
     preprocess_split(synth_root, cache, "test", progress=False)

@@ -16,7 +16,8 @@ from dicom_factory import AXIAL, SAGITTAL, oblique, rotation, write_root, write_
 from pydicom.data import get_testdata_file
 
 from lsdc.cli import main
-from lsdc.data.cache import (
+from lsdc.errors import UserError
+from lsdc.preprocessing.cache import (
     INDEX_COLUMNS,
     REPORT_COLUMNS,
     best_stacks,
@@ -25,9 +26,8 @@ from lsdc.data.cache import (
     read_cache_index,
     resample_stack,
 )
-from lsdc.data.dicom import read_series
-from lsdc.data.geometry import StackGeometry
-from lsdc.errors import UserError
+from lsdc.preprocessing.dicom import read_series
+from lsdc.preprocessing.geometry import StackGeometry
 
 
 def build_root(root: Path) -> Path:
@@ -179,7 +179,7 @@ def test_rerun_reads_nothing_and_changes_nothing(cache, root, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached series was read again")
 
-    monkeypatch.setattr("lsdc.data.cache.read_series", fail)
+    monkeypatch.setattr("lsdc.preprocessing.cache.read_series", fail)
     preprocess_split(root, cache, "train", progress=False)
     assert tree(cache) == before
 
@@ -193,7 +193,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from lsdc.data.cache import preprocess_split
+    from lsdc.preprocessing.cache import preprocess_split
 
     real_save, calls = np.save, [0]
 
@@ -341,8 +341,8 @@ def test_synthetic_labels_land_on_cached_slices_and_project_across_series(tmp_pa
     """On a synthetic root (truth known): every labelled instance is a slice of a cached stack,
     and each level's spinal canal point (sagittal T2) projects onto the axial slice where the
     same level's subarticular point was annotated."""
-    from lsdc.data.geometry import project_point
-    from lsdc.data.synth import SynthConfig, synthesize
+    from lsdc.preprocessing.geometry import project_point
+    from lsdc.synth.generator import SynthConfig, synthesize
 
     config = SynthConfig(train_studies=2, test_studies=0, seed=3, image_size=32, slices=6)
     root = synthesize(tmp_path / "root", config, progress=False)
@@ -382,7 +382,7 @@ def test_an_unexpected_failure_in_one_series_becomes_its_error_row(root, tmp_pat
             raise RuntimeError("simulated decoder crash")
         return real(folder, description)
 
-    monkeypatch.setattr("lsdc.data.cache.read_series", flaky)
+    monkeypatch.setattr("lsdc.preprocessing.cache.read_series", flaky)
     report = preprocess_split(root, tmp_path / "c", "train", study_ids=[1], progress=False)
     assert report["series_id"].tolist() == [10, 11, 12, 12]
     failed = report[report["series_id"] == 11].iloc[0]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from lsdc.data.contract import CLASS_WEIGHTS, CONDITIONS, LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
+from lsdc.contract import CLASS_WEIGHTS, CONDITIONS, LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
 from lsdc.errors import UserError
 from lsdc.evaluation.calibration import (
     Calibration,

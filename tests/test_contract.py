@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lsdc.data import contract as c
+from lsdc import contract as c
 
 
 def _labels(n: int = 3, seed: int = 0) -> pd.DataFrame:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lsdc.data.crops import CropSpec, crop_points, extract_crop, locate_in_stacks
-from lsdc.data.geometry import StackGeometry
+from lsdc.datasets.crops import CropSpec, crop_points, extract_crop, locate_in_stacks
+from lsdc.preprocessing.geometry import StackGeometry
 
 
 def _rotation_x(degrees: float) -> np.ndarray:

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lsdc.data.cache import read_cache_index
-from lsdc.data.contract import IGNORE_INDEX, LABEL_COLUMNS, load_train_labels
-from lsdc.data.datasets import (
+from lsdc.contract import IGNORE_INDEX, LABEL_COLUMNS, load_train_labels
+from lsdc.datasets.transforms import training_transforms
+from lsdc.datasets.whole_study import (
     META_FEATURES,
     N_META,
     StudyVolumeStore,
@@ -18,7 +18,7 @@ from lsdc.data.datasets import (
     fit_meta_normaliser,
     meta_vector,
 )
-from lsdc.data.transforms import training_transforms
+from lsdc.preprocessing.cache import read_cache_index
 
 torch.set_num_threads(1)
 

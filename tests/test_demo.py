@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lsdc.cli import main
-from lsdc.data.contract import PRED_COLUMNS, load_series_descriptions
+from lsdc.contract import PRED_COLUMNS, load_series_descriptions
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
 

@@ -28,7 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from lsdc.data.dicom import SeriesReadError, compact_dtype, read_series
+from lsdc.preprocessing.dicom import SeriesReadError, compact_dtype, read_series
 
 
 def ranks(volume) -> list[int]:

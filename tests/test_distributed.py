@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lsdc.data.contract import PRED_COLUMNS, labels_to_solution, load_train_labels
+from lsdc.contract import PRED_COLUMNS, labels_to_solution, load_train_labels
 
 
 def test_two_process_run_matches_the_one_process_layout(

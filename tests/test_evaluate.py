@@ -13,7 +13,7 @@ import pytest
 from scipy.special import softmax
 
 from lsdc.cli import main
-from lsdc.data.contract import (
+from lsdc.contract import (
     IGNORE_INDEX,
     LABEL_COLUMNS,
     PRED_COLUMNS,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from dicom_factory import AXIAL, SAGITTAL, oblique, rotation
 
-from lsdc.data.geometry import StackGeometry, project_point
+from lsdc.preprocessing.geometry import StackGeometry, project_point
 
 
 def make_geometry(orientation, origin, step, n, spacing=(0.6, 0.8), instances=None, gaps=None):

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import log_loss
 
 from lsdc.cli import main
-from lsdc.data.contract import CLASS_WEIGHTS, PRED_COLUMNS, all_row_ids
+from lsdc.contract import CLASS_WEIGHTS, PRED_COLUMNS, all_row_ids
 from lsdc.evaluation.metric import EPS, SubmissionError, official_score
 
 LN2 = math.log(2.0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsdc.config import ConfigError, TrainConfig
 from lsdc.errors import UserError
 from lsdc.models import create_model, list_models
 from lsdc.models.encoders import DynUNetEncoder, ResNetEncoder, SwinEncoder, ViTEncoder
-from lsdc.training.config import ConfigError, TrainConfig
-from lsdc.training.tasks import build_registered_model
+from lsdc.tasks.base import build_registered_model
 
 torch.set_num_threads(1)
 

@@ -17,11 +17,11 @@ from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
 from scipy.special import softmax
 
 from lsdc.cli import main
-from lsdc.data.cache import read_cache_index
-from lsdc.data.contract import LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
+from lsdc.contract import LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
 from lsdc.errors import UserError
 from lsdc.evaluation.calibration import temperature_scale
 from lsdc.inference.predict import predict_split
+from lsdc.preprocessing.cache import read_cache_index
 
 SERIES = [
     (1, 11, "Sagittal T1"),
@@ -278,8 +278,8 @@ def test_flip_tta_is_left_right_consistent(tiny_run, tmp_path) -> None:
     """Study 302 is study 301 mirrored left-right. With flip TTA the prediction for the mirror
     must be the original's with every left_* and right_* label swapped, for any network: a
     left-only finding comes back on the left. Without the swap back it would come back equal."""
-    from lsdc.data.cache import load_stack, preprocess_split
-    from lsdc.data.contract import LEFT_RIGHT_PERMUTATION
+    from lsdc.contract import LEFT_RIGHT_PERMUTATION
+    from lsdc.preprocessing.cache import load_stack, preprocess_split
 
     root = tmp_path / "root"
     _write_split(root, "test", [301])
@@ -311,7 +311,7 @@ def test_flip_tta_is_left_right_consistent(tiny_run, tmp_path) -> None:
 
 
 def test_prior_submission_gives_each_row_its_label_prior(tmp_path) -> None:
-    from lsdc.data.contract import LABEL_COLUMNS, PRED_COLUMNS
+    from lsdc.contract import LABEL_COLUMNS, PRED_COLUMNS
     from lsdc.inference.predict import prior_submission
 
     rng = np.random.default_rng(0)

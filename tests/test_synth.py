@@ -13,8 +13,7 @@ import pydicom
 import pytest
 
 from lsdc.cli import main
-from lsdc.data import phantom, synth_labels
-from lsdc.data.contract import (
+from lsdc.contract import (
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
@@ -28,9 +27,10 @@ from lsdc.data.contract import (
     load_solution,
     load_train_labels,
 )
-from lsdc.data.synth import ANSWER_FILES, REALISM_RATES, SynthConfig, synthesize
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
+from lsdc.synth import ANSWER_FILES, REALISM_RATES, SynthConfig, phantom, synthesize
+from lsdc.synth import labels as synth_labels
 
 COMPETITION_FILES = {
     "train.csv",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lsdc.cli import main
-from lsdc.data.synth import SynthConfig, synthesize
 from lsdc.errors import UserError
+from lsdc.synth.generator import SynthConfig, synthesize
 
 TINY = SynthConfig(train_studies=3, test_studies=2, seed=7, image_size=32, slices=8)
 

@@ -12,8 +12,16 @@ import pytest
 import torch
 import yaml
 
+from lsdc.checkpoint import load_checkpoint
 from lsdc.cli import main
-from lsdc.data.contract import (
+from lsdc.config import (
+    SHIPPED_CONFIG_DIR,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    write_config,
+)
+from lsdc.contract import (
     IGNORE_INDEX,
     LABEL_COLUMNS,
     PRED_COLUMNS,
@@ -21,22 +29,15 @@ from lsdc.data.contract import (
     labels_to_solution,
     load_train_labels,
 )
+from lsdc.distributed import DistContext
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.runs import predict_run
-from lsdc.training.checkpoint import load_checkpoint
-from lsdc.training.config import (
-    REPO_CONFIG_DIR,
-    ConfigError,
-    TrainConfig,
-    load_config,
-    write_config,
-)
-from lsdc.training.distributed import DistContext
-from lsdc.training.engine import build_scheduler, predictions_frame, train_fold
+from lsdc.tasks.base import build_registered_model, create_task
+from lsdc.tasks.losses import severity_loss
+from lsdc.tasks.predict_loop import predictions_frame
+from lsdc.training.engine import build_scheduler, train_fold
 from lsdc.training.folds import make_folds
-from lsdc.training.loss import severity_loss
-from lsdc.training.tasks import build_registered_model, create_task
 
 torch.set_num_threads(1)
 
@@ -79,7 +80,7 @@ def test_whole_study_task_refuses_task_params(tmp_path: Path) -> None:
 
 
 def test_every_shipped_config_loads_and_builds_its_model() -> None:
-    for path in sorted(REPO_CONFIG_DIR.glob("*.yaml")):
+    for path in sorted(SHIPPED_CONFIG_DIR.glob("*.yaml")):
         if path.name.startswith("two_stage"):
             continue
         config = load_config(path)
@@ -298,7 +299,7 @@ def test_ema_and_bf16_train_on_cpu_and_fp16_is_refused(synth_root, synth_cache, 
 
 # ----------------------------------------------------------------------------------- serving
 def test_predict_run_averages_folds_and_serves_missing_studies(tiny_run, synth_test_cache) -> None:
-    from lsdc.data.cache import read_cache_index
+    from lsdc.preprocessing.cache import read_cache_index
 
     test_ids = sorted(read_cache_index(synth_test_cache)["study_id"].unique().tolist())
     ids = [*test_ids, 12345]  # the last one has no cached series at all

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsdc.data.contract import LABEL_COLUMNS, LEFT_RIGHT_PERMUTATION, label_index, load_train_labels
-from lsdc.data.datasets import StudyVolumeStore, WholeStudyDataset
-from lsdc.data.transforms import (
+from lsdc.contract import LABEL_COLUMNS, LEFT_RIGHT_PERMUTATION, label_index, load_train_labels
+from lsdc.datasets.transforms import (
     RandFlipLeftRightd,
     flip_left_right,
     sample_seed,
     seed_transform,
     training_transforms,
 )
+from lsdc.datasets.whole_study import StudyVolumeStore, WholeStudyDataset
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lsdc.data.contract import (
+from lsdc.config import ConfigError, load_config
+from lsdc.contract import (
     IGNORE_INDEX,
     LABEL_COLUMNS,
     LEFT_RIGHT_PERMUTATION,
@@ -18,9 +19,8 @@ from lsdc.data.contract import (
     label_index,
     load_label_coordinates,
 )
-from lsdc.data.crops import CropSpec, extract_crop, locate_in_stacks
-from lsdc.data.geometry import StackGeometry
-from lsdc.data.level_datasets import (
+from lsdc.datasets.crops import CropSpec, extract_crop, locate_in_stacks
+from lsdc.datasets.levels import (
     IS_RIGHT,
     IS_SPINAL,
     CropAugment,
@@ -32,7 +32,7 @@ from lsdc.data.level_datasets import (
     study_crops,
     voxel_to_grid,
 )
-from lsdc.training.config import ConfigError, load_config
+from lsdc.preprocessing.geometry import StackGeometry
 
 torch.set_num_threads(1)
 
@@ -49,8 +49,8 @@ TWO_STAGE_TINY = [
 
 
 def _synth(root: Path, **rates: float) -> tuple[Path, Path]:
-    from lsdc.data.cache import preprocess_split
-    from lsdc.data.synth import SynthConfig, synthesize
+    from lsdc.preprocessing.cache import preprocess_split
+    from lsdc.synth.generator import SynthConfig, synthesize
 
     config = SynthConfig(train_studies=3, test_studies=0, seed=3, image_size=32, slices=8)
     config = config.__class__(**{**config.__dict__, **rates})
@@ -171,7 +171,7 @@ def test_right_crop_is_the_left_crop_of_the_mirrored_image(
 def test_training_items_mirror_right_crops_and_keep_their_labels(
     synth_root: Path, synth_cache: Path
 ) -> None:
-    from lsdc.data.contract import labels_to_indices, load_train_labels
+    from lsdc.contract import labels_to_indices, load_train_labels
 
     store = StackStore(synth_cache)
     labels = load_train_labels(synth_root / "train.csv")
@@ -246,7 +246,7 @@ def test_flipped_study_swaps_every_crop_with_its_twin(synth_cache: Path) -> None
 
 def test_task_params_are_checked() -> None:
     with pytest.raises(ConfigError, match="task_params.crop_sise"):
-        from lsdc.training.two_stage import TwoStageParams
+        from lsdc.tasks.two_stage import TwoStageParams
 
         TwoStageParams.from_config(load_config("two_stage_demo", ["task_params.crop_sise=16"]))
     with pytest.raises(ConfigError, match="jitter_mm"):
@@ -260,7 +260,7 @@ def test_train_then_serve_through_the_engine(
     flip TTA, and whose localizer the OOF report measures."""
     from lsdc.cli import main
     from lsdc.inference.runs import predict_run
-    from lsdc.training.two_stage import localization_oof, summarize_localization
+    from lsdc.tasks.two_stage import localization_oof, summarize_localization
 
     run = tmp_path / "run"
     argv = ["train", "--config", "two_stage_demo", "--data", str(synth_root)]

@@ -1,6 +1,7 @@
-"""The face of lsdc: one verb per pipeline stage, each a thin call into that stage's public API.
+"""The face of lsdc: one verb per pipeline stage, each a thin call of :mod:`lsdc.api`.
 
-Every verb is a pair (``_add_<verb>`` declares its arguments, ``_run_<verb>`` calls the stage).
+Every verb is a pair (``_add_<verb>`` declares its arguments, ``_run_<verb>`` calls the API).
+Building the parser imports no stage (``lsdc score --help`` loads neither torch nor MONAI).
 Errors the user can fix (bad files, bad config keys) end as one clear line on stderr and exit 2,
 never as a traceback.
 """
@@ -9,11 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lsdc import api
+from lsdc.contract import SPLITS
 from lsdc.errors import UserError
+
+_OVERRIDES_HELP = (
+    "dotted config overrides, e.g. optim.epochs=3 folds.fold=0 (anywhere among the flags)"
+)
 
 
 # ------------------------------------------------------------------------------------------ score
@@ -34,7 +42,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from lsdc.data.contract import load_solution, load_submission
+    from lsdc.contract import load_solution, load_submission
     from lsdc.evaluation.metric import official_score
 
     solution = load_solution(args.solution)
@@ -49,86 +57,300 @@ def _run_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ synth
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    from lsdc.data.synth import add_synth_arguments
+    from lsdc.synth.config import REALISM_RATES, SynthConfig
 
-    add_synth_arguments(p)
+    defaults = SynthConfig()
+    p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    p.add_argument("--train-studies", type=int, default=defaults.train_studies)
+    p.add_argument("--test-studies", type=int, default=defaults.test_studies)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--image-size", type=int, default=defaults.image_size, help="matrix (rows = columns)"
+    )
+    p.add_argument("--slices", type=int, default=defaults.slices, help="sagittal slices per series")
+    p.add_argument(
+        "--axial-slices", type=int, default=None, help="Axial T2 slices per study (2 x --slices)"
+    )
+    p.add_argument(
+        "--no-realism", action="store_true", help="turn every realism switch off (rates below = 0)"
+    )
+    for name, help_text in REALISM_RATES.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=getattr(defaults, name),
+            help=f"{help_text} (default %(default)s)",
+        )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering studies in parallel; the output is the same for any count "
+        "(default: one per CPU core, %(default)s here)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from lsdc.data.synth import synth_from_args
+    from lsdc.synth.config import REALISM_RATES, SynthConfig
 
-    synth_from_args(args)
+    config = SynthConfig(
+        train_studies=args.train_studies,
+        test_studies=args.test_studies,
+        seed=args.seed,
+        image_size=args.image_size,
+        slices=args.slices,
+        axial_slices=args.axial_slices,
+        **{name: getattr(args, name) for name in REALISM_RATES},
+    )
+    if args.no_realism:
+        config = config.without_realism()
+    out = api.synthesize(args.out, config, workers=args.workers, progress=not args.quiet)
+    print(
+        f"lsdc synth: wrote {config.train_studies} train and {config.test_studies} test studies "
+        f"to {out}"
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------- preprocess
 def _add_preprocess(p: argparse.ArgumentParser) -> None:
-    from lsdc.data.cache import add_preprocess_arguments
-
-    add_preprocess_arguments(p)
+    p.add_argument("--data", required=True, type=Path, help="competition root folder")
+    p.add_argument("--cache", required=True, type=Path, help="cache folder to fill")
+    p.add_argument("--split", required=True, choices=SPLITS, help="which split to cache")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, one series at a time")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar="MM",
+        help="resample every stack to this (slice, row, col) spacing in mm; default: keep",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from lsdc.data.cache import preprocess_from_args
-
-    return preprocess_from_args(args)
+    report = api.preprocess(
+        args.data,
+        args.cache,
+        args.split,
+        workers=args.workers,
+        spacing=args.spacing,
+        progress=not args.quiet,
+    )
+    counts = report["status"].value_counts()
+    print(
+        f"{counts.get('ok', 0)} stacks ok, {counts.get('warning', 0)} with warnings, "
+        f"{counts.get('error', 0)} series failed; report: {args.cache / 'preprocess_report.csv'}"
+    )
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ train
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from lsdc.training.train import add_train_arguments
-
-    add_train_arguments(p)
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config: a path, or the name of a shipped config (e.g. tiny, two_stage_demo)",
+    )
+    p.add_argument("--data", required=True, type=Path, help="competition root (train.csv)")
+    p.add_argument("--cache", required=True, type=Path, help="cache of the train split")
+    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from each fold's last checkpoint",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (auto: CUDA when available)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (the one-line summary of each epoch stays)",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lsdc.training.train import train_from_args
-
-    return train_from_args(args)
+    api.train(
+        args.config,
+        args.data,
+        args.cache,
+        args.out,
+        overrides=args.overrides,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    from lsdc.evaluation.report import add_evaluate_arguments
-
-    add_evaluate_arguments(p)
+    p.add_argument(
+        "--pred",
+        type=Path,
+        help="prediction CSV (row_id, normal_mild, moderate, severe): a run's oof.csv or a "
+        "submission; default RUN/oof.csv when --run is given",
+    )
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument(
+        "--data",
+        type=Path,
+        metavar="ROOT",
+        help="score against ROOT/train.csv (for out-of-fold predictions; only the studies the "
+        "prediction file holds are scored)",
+    )
+    labels.add_argument(
+        "--solution",
+        type=Path,
+        help="score against a solution file, e.g. ROOT/solution_test.csv (for test predictions; "
+        "every scored row must be predicted)",
+    )
+    p.add_argument(
+        "--run",
+        type=Path,
+        help="the run the out-of-fold predictions come from: fit a temperature per condition on "
+        "them, store it in RUN/calibration.json (used by lsdc predict) and report the score "
+        "before and after; needs --data",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for report.html and metrics.json (default: RUN/evaluation with --run, "
+        "else an 'evaluation' folder beside the prediction file)",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from lsdc.evaluation.report import evaluate_from_args
+    from lsdc.evaluation.report import print_summary
 
-    return evaluate_from_args(args)
+    metrics = api.evaluate(args.pred, args.data, args.solution, args.run, args.out)
+    print_summary(metrics)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- predict
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    from lsdc.inference.predict import add_predict_arguments
-
-    add_predict_arguments(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="ROOT",
+        help="competition root holding {split}_series_descriptions.csv and {split}_images/ "
+        "(read only; the Kaggle input folder works as is)",
+    )
+    p.add_argument(
+        "--run",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="one or more run folders (lsdc train) or exported runs (lsdc export); every fold "
+        "of every run is averaged, each run calibrated with its own RUN/calibration.json",
+    )
+    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV")
+    p.add_argument(
+        "--split",
+        choices=SPLITS[::-1],
+        default="test",
+        help="whose series CSV and images to predict (sample_submission.csv orders the test split)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: also predict the left-right mirror (left/right labels swapped back) and average",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="ignore RUN/calibration.json (raw ensemble probabilities)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="keep the preprocessed cache in this folder (default: a temporary folder, removed)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="preprocessing processes")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from lsdc.inference.predict import predict_from_args
-
-    return predict_from_args(args)
+    result = api.predict(
+        args.data,
+        args.run,
+        args.out,
+        split=args.split,
+        tta_flip=args.tta == "flip",
+        calibrate=not args.no_calibration,
+        cache_dir=args.cache,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    counts = result.report["source"].value_counts()
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("model", "model_partial", "prior"))
+    print(
+        f"{result.submission_path}: {len(result.submission)} rows, "
+        f"{len(result.report)} studies ({summary})"
+    )
+    print(f"report: {result.report_path}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    from lsdc.demo import add_demo_arguments
+    from lsdc.demo import DEMO_CONFIG, DEMO_TEST_STUDIES, DEMO_TRAIN_STUDIES
 
-    add_demo_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for every artefact")
+    p.add_argument(
+        "--config",
+        default=DEMO_CONFIG,
+        help=f"training config (default {DEMO_CONFIG}; 'demo' for the whole-series baseline)",
+    )
+    p.add_argument(
+        "--train-studies", type=int, default=DEMO_TRAIN_STUDIES, help="synthetic training studies"
+    )
+    p.add_argument(
+        "--test-studies", type=int, default=DEMO_TEST_STUDIES, help="synthetic test studies"
+    )
+    p.add_argument("--image-size", type=int, help="synthetic matrix size (default: synth's)")
+    p.add_argument("--slices", type=int, help="synthetic sagittal slices (default: synth's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="synth and preprocessing processes (default: one per CPU core)",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from lsdc.demo import demo_from_args
+    from lsdc.demo import run_demo
 
-    return demo_from_args(args)
+    synth_overrides = {"train_studies": args.train_studies, "test_studies": args.test_studies}
+    synth_overrides |= {
+        key: value
+        for key, value in (("image_size", args.image_size), ("slices", args.slices))
+        if value is not None
+    }
+    run_demo(
+        args.out,
+        config=args.config,
+        seed=args.seed,
+        workers=args.workers,
+        synth_overrides=synth_overrides,
+        train_overrides=list(args.overrides),
+    )
+    return 0
 
 
-VERBS: dict[
-    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-] = {
+Verb = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+VERBS: dict[str, Verb] = {
     "synth": ("write a synthetic competition root with a known answer", _add_synth, _run_synth),
     "preprocess": (
         "DICOM series -> cached, oriented volumes + geometry",
@@ -158,8 +380,12 @@ VERBS: dict[
     ),
 }
 
+TAKES_OVERRIDES = frozenset({"train", "demo"})
+"""Verbs whose free ``key=value`` words are config overrides; they may stand anywhere."""
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lsdc`` parser: one sub-command per verb."""
     parser = argparse.ArgumentParser(
         prog="lsdc", description="Lumbar spine degenerative classification: DICOM to submission."
     )
@@ -167,11 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add, _) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
+        if name in TAKES_OVERRIDES:
+            p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand anywhere among a verb's flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w]
+    if stray or (extra and args.verb not in TAKES_OVERRIDES):
+        parser.parse_args(argv)  # let argparse report the unknown words, as it always has
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return int(VERBS[args.verb][2](args) or 0)
     except UserError as exc:

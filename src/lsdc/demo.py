@@ -15,8 +15,6 @@ retrains from scratch.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 import time
@@ -25,16 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsdc.data.contract import (
+from lsdc.contract import (
     all_row_ids,
-    labels_to_solution,
     load_solution,
     load_submission,
-    load_train_labels,
     parse_row_id,
 )
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
+from lsdc.rundir import RunDir
 
 DEMO_CONFIG = "two_stage_demo"
 """The training config of the demo (``configs/two_stage_demo.yaml``): lsdc's strongest model,
@@ -50,60 +47,6 @@ DEMO_TRAIN_OVERRIDES: tuple[str, ...] = ("folds.fold=0",)
 """Train one fold only. On 2 CPU cores, one model on two thirds of the studies learns more than
 three models in the same minutes; that fold's out-of-fold rows still fit the calibration.
 Overrides given on the command line come after these (``folds.fold=null`` trains every fold)."""
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("demo_out"),
-        help="folder for every artefact (default demo_out)",
-    )
-    parser.add_argument(
-        "--config",
-        default=DEMO_CONFIG,
-        help="training config (default configs/two_stage_demo.yaml; 'demo' for the whole-series "
-        "baseline)",
-    )
-    parser.add_argument(
-        "--train-studies", type=int, default=DEMO_TRAIN_STUDIES, help="synthetic training studies"
-    )
-    parser.add_argument(
-        "--test-studies", type=int, default=DEMO_TEST_STUDIES, help="synthetic test studies"
-    )
-    parser.add_argument("--image-size", type=int, help="synthetic matrix size (default: synth's)")
-    parser.add_argument("--slices", type=int, help="synthetic sagittal slices (default: synth's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="synth and preprocessing processes (default: one per CPU core)",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="training config overrides, e.g. optim.epochs=2 (as for lsdc train)",
-    )
-
-
-def demo_from_args(args: argparse.Namespace) -> int:
-    synth_overrides = {"train_studies": args.train_studies, "test_studies": args.test_studies}
-    synth_overrides |= {
-        key: value
-        for key, value in (("image_size", args.image_size), ("slices", args.slices))
-        if value is not None
-    }
-    run_demo(
-        args.out,
-        config=args.config,
-        seed=args.seed,
-        workers=args.workers,
-        synth_overrides=synth_overrides,
-        train_overrides=list(args.overrides),
-    )
-    return 0
 
 
 @dataclass(frozen=True)
@@ -148,11 +91,9 @@ def run_demo(
     Raises:
         UserError: ``out_dir`` exists and is not a previous demo folder (nothing is deleted then).
     """
-    from lsdc.data.cache import preprocess_split
-    from lsdc.data.synth import SynthConfig, synthesize
-    from lsdc.evaluation.report import evaluate, print_summary
-    from lsdc.inference.predict import predict_split, prior_submission
-    from lsdc.training.train import add_train_arguments, train_from_args
+    from lsdc import api
+    from lsdc.evaluation.report import print_summary
+    from lsdc.inference.predict import prior_submission
 
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"
@@ -160,58 +101,40 @@ def run_demo(
     clock = time.perf_counter()
 
     with _stage("synth: a small synthetic competition root with a known answer", clock) as artefact:
-        synthesize(data, SynthConfig(seed=seed, **(synth_overrides or {})), workers=workers)
+        api.synthesize(data, workers=workers, seed=seed, **(synth_overrides or {}))
         artefact("competition root", data)
         artefact("test solution", data / "solution_test.csv")
 
     with _stage("preprocess: DICOM -> cached volumes (train split)", clock) as artefact:
-        preprocess_split(data, cache / "train", "train", workers=workers)
+        api.preprocess(data, cache / "train", "train", workers=workers)
         artefact("cache", cache / "train")
         artefact("report", cache / "train" / "preprocess_report.csv")
 
     with _stage(f"train: config {config}", clock) as artefact:
-        parser = argparse.ArgumentParser(prog="lsdc train")
-        add_train_arguments(parser)
-        train_args = parser.parse_args(
-            [
-                "--config",
-                config,
-                "--data",
-                str(data),
-                "--cache",
-                str(cache / "train"),
-                "--out",
-                str(run),
-            ]
-            + list(DEMO_TRAIN_OVERRIDES)
-            + list(train_overrides or [])
+        api.train(
+            config,
+            data,
+            cache / "train",
+            run,
+            overrides=[*DEMO_TRAIN_OVERRIDES, *(train_overrides or [])],
         )
-        train_from_args(train_args)
         artefact("run", run)
-        artefact("out-of-fold predictions", run / "oof.csv")
+        artefact("out-of-fold predictions", RunDir(run).oof)
 
     with _stage("evaluate: out-of-fold predictions; fit the calibration", clock):
-        labels = load_train_labels(data / "train.csv")
-        metrics = evaluate(
-            run / "oof.csv",
-            labels_to_solution(labels),
-            run / "evaluation",
-            labels_name=str(data / "train.csv"),
-            restrict_to_predicted_studies=True,
-            calibration_run=run,
-        )
-        print_summary(metrics, run / "evaluation")
+        metrics = api.evaluate(run_dir=run, data_root=data)
+        print_summary(metrics)
 
     with _stage("predict: the synthetic test split, as on Kaggle", clock) as artefact:
-        result = predict_split(
+        result = api.predict(
             data, [run], out / "submission.csv", cache_dir=cache / "test", workers=workers
         )
         artefact("submission", result.submission_path)
         artefact("report", result.report_path)
 
     with _stage("evaluate: the test submission against the synthetic solution", clock) as artefact:
+        api.evaluate(out / "submission.csv", solution=data / "solution_test.csv", out_dir=out)
         solution = load_solution(data / "solution_test.csv")
-        evaluate(out / "submission.csv", solution, out, labels_name=str(data / "solution_test.csv"))
         artefact("report", out / "report.html")
         artefact("metrics", out / "metrics.json")
 

@@ -19,13 +19,11 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 
-from lsdc.data.contract import CONDITIONS, LEVELS, PRED_COLUMNS, parse_row_id
+from lsdc.contract import CONDITIONS, LEVELS, PRED_COLUMNS, parse_row_id
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import EPS, weighted_log_loss
+from lsdc.rundir import RunDir
 from lsdc.utils import read_json, write_json_atomic
-
-CALIBRATION_FILE = "calibration.json"
-"""File name of a run's calibration (``RUN/calibration.json``)."""
 
 LOG_TEMPERATURE_BOUNDS: tuple[float, float] = (-3.0, 3.0)
 """Search range of log T: T in [0.05, 20] covers any sane network; beyond it something is broken."""
@@ -132,12 +130,12 @@ def fit_temperatures(
 
 def save_calibration(calibration: Calibration, run_dir: str | Path) -> Path:
     """Write ``RUN/calibration.json`` atomically."""
-    return write_json_atomic(calibration.to_dict(), Path(run_dir) / CALIBRATION_FILE)
+    return write_json_atomic(calibration.to_dict(), RunDir(run_dir).calibration)
 
 
 def load_calibration(run_dir: str | Path) -> Calibration | None:
     """Read ``RUN/calibration.json``; None when the run has none (predictions stay uncalibrated)."""
-    path = Path(run_dir) / CALIBRATION_FILE
+    path = RunDir(run_dir).calibration
     if not path.is_file():
         return None
     try:

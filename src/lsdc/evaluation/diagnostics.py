@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
-from lsdc.data.contract import (
+from lsdc.contract import (
     CONDITIONS,
     LEVELS,
     PRED_COLUMNS,

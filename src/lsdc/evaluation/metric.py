@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from lsdc.data.contract import CONDITION_GROUP, PRED_COLUMNS, parse_row_id
+from lsdc.contract import CONDITION_GROUP, PRED_COLUMNS, parse_row_id
 from lsdc.errors import UserError
 
 EPS = float(np.finfo(np.float64).eps)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from lsdc.data.contract import CONDITIONS, LEVELS, PRED_COLUMNS, SEVERITIES  # noqa: E402
+from lsdc.contract import CONDITIONS, LEVELS, PRED_COLUMNS, SEVERITIES  # noqa: E402
 
 
 def figure_to_png(fig: plt.Figure) -> bytes:

@@ -15,7 +15,6 @@ The outputs are ``report.html`` (self-contained: plots embedded as base64 PNG) a
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lsdc.data.contract import (
+from lsdc.contract import (
     CONDITIONS,
     LEVELS,
     PRED_COLUMNS,
@@ -40,6 +39,7 @@ from lsdc.evaluation import plots
 from lsdc.evaluation.calibration import Calibration, fit_temperatures, save_calibration
 from lsdc.evaluation.diagnostics import align, diagnose, load_predictions
 from lsdc.evaluation.metric import SubmissionError
+from lsdc.rundir import RunDir
 from lsdc.utils import write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.html"
@@ -47,74 +47,59 @@ METRICS_FILE = "metrics.json"
 SCORE_KEYS: tuple[str, ...] = ("score", "spinal", "foraminal", "subarticular", "any_severe_spinal")
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--pred",
-        type=Path,
-        help="prediction CSV (row_id, normal_mild, moderate, severe): a run's oof.csv or a "
-        "submission; default RUN/oof.csv when --run is given",
-    )
-    labels = parser.add_mutually_exclusive_group(required=True)
-    labels.add_argument(
-        "--data",
-        type=Path,
-        metavar="ROOT",
-        help="score against ROOT/train.csv (for out-of-fold predictions; only the studies the "
-        "prediction file holds are scored)",
-    )
-    labels.add_argument(
-        "--solution",
-        type=Path,
-        help="score against a solution file, e.g. ROOT/solution_test.csv (for test predictions; "
-        "every scored row must be predicted)",
-    )
-    parser.add_argument(
-        "--run",
-        type=Path,
-        help="the run the out-of-fold predictions come from: fit a temperature per condition on "
-        "them, store it in RUN/calibration.json (used by lsdc predict) and report the score "
-        "before and after; needs --data",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="folder for report.html and metrics.json (default: RUN/evaluation with --run, "
-        "else an 'evaluation' folder beside the prediction file)",
-    )
+def evaluate_files(
+    predictions: str | Path | None = None,
+    data_root: str | Path | None = None,
+    solution: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score a prediction file named by paths (what ``lsdc evaluate`` does).
 
+    Args:
+        predictions: prediction CSV; default ``RUN/oof.csv`` when ``run_dir`` is given.
+        data_root: score against ``ROOT/train.csv``, only the studies the predictions hold
+            (out-of-fold rows).
+        solution: score against a solution file (test predictions); every scored row must be
+            predicted. Exactly one of ``data_root`` and ``solution``.
+        run_dir: fit this run's calibration on the (out-of-fold) predictions; needs ``data_root``.
+        out_dir: folder for report.html and metrics.json; default ``RUN/evaluation`` with a run,
+            else an ``evaluation`` folder beside the predictions.
 
-def evaluate_from_args(args: argparse.Namespace) -> int:
-    pred_path = args.pred
-    if pred_path is None:
-        if args.run is None:
+    Returns:
+        The metrics written to metrics.json.
+    """
+    run = Path(run_dir) if run_dir is not None else None
+    if predictions is None:
+        if run is None:
             raise UserError("give --pred PRED.csv, or --run RUN to evaluate RUN/oof.csv")
-        pred_path = args.run / "oof.csv"
-    if args.run is not None and args.solution is not None:
+        predictions = RunDir(run).oof
+    pred_path = Path(predictions)
+    if (data_root is None) == (solution is None):
+        raise UserError("give exactly one of --data ROOT (train.csv) and --solution FILE")
+    if run is not None and solution is not None:
         raise UserError(
             "--run fits the calibration, which must come from out-of-fold predictions scored "
             "against train.csv (--data ROOT), never from the test solution"
         )
-    if args.run is not None and not args.run.is_dir():
-        raise UserError(f"{args.run}: run folder not found")
-    out_dir = args.out or (
-        args.run / "evaluation" if args.run is not None else pred_path.parent / "evaluation"
-    )
-    if args.data is not None:
-        labels_path = args.data / "train.csv"
-        solution = labels_to_solution(load_train_labels(labels_path))
+    if run is not None and not run.is_dir():
+        raise UserError(f"{run}: run folder not found")
+    out = Path(out_dir) if out_dir is not None else None
+    out = out or (run / "evaluation" if run is not None else pred_path.parent / "evaluation")
+    if data_root is not None:
+        labels_path = Path(data_root) / "train.csv"
+        labels = labels_to_solution(load_train_labels(labels_path))
     else:
-        labels_path = args.solution
-        solution = load_solution(labels_path)
-    metrics = evaluate(
+        labels_path = Path(solution)
+        labels = load_solution(labels_path)
+    return evaluate(
         pred_path,
-        solution,
-        out_dir,
+        labels,
+        out,
         labels_name=str(labels_path),
-        restrict_to_predicted_studies=args.data is not None,
-        calibration_run=args.run,
+        restrict_to_predicted_studies=data_root is not None,
+        calibration_run=run,
     )
-    print_summary(metrics, out_dir)
-    return 0
 
 
 def restrict_to_studies(solution: pd.DataFrame, study_ids: set[int]) -> pd.DataFrame:
@@ -160,6 +145,7 @@ def evaluate(
         metrics: dict[str, Any] = {
             "predictions": str(pred_path),
             "labels": labels_name,
+            "out_dir": str(out_dir),
             **diagnose(solution, predictions),
         }
         if calibration_run is not None:
@@ -201,7 +187,7 @@ def calibrate_run(
     }
 
 
-def print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
+def print_summary(metrics: dict[str, Any]) -> None:
     """The score and its components on stdout, then where the report is."""
     print(
         f"{metrics['predictions']}: {metrics['n_studies']} studies, {metrics['n_rows']} scored rows"
@@ -217,6 +203,7 @@ def print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         temps = ", ".join(f"{c}={t:.3f}" for c, t in cal["temperatures"].items())
         print(f"temperatures: {temps}")
         print(f"calibration: {cal['path']}")
+    out_dir = Path(metrics["out_dir"])
     print(f"report: {out_dir / REPORT_FILE}")
     print(f"metrics: {out_dir / METRICS_FILE}")
 

@@ -8,7 +8,7 @@ series is predicted without it; a study with nothing usable, or one the model fa
 training class prior. Every study gets a line in ``predict_report.csv`` saying which it was.
 
 The chain: list the studies (``{split}_series_descriptions.csv`` and, for the test split,
-``sample_submission.csv``) -> preprocess into a temporary cache (``lsdc.data.cache``) -> for each
+``sample_submission.csv``) -> preprocess into a temporary cache (``lsdc.preprocessing.cache``) -> for each
 run, the mean over its fold checkpoints (``lsdc.inference.runs.predict_run``, optionally with
 left-right flip TTA), that run's temperatures (``RUN/calibration.json``) -> mean over runs ->
 prior fallback -> the file, in ``sample_submission.csv``'s row order when that file exists.
@@ -16,7 +16,6 @@ prior fallback -> the file, in ``sample_submission.csv``'s row order when that f
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lsdc.data.contract import (
+from lsdc.contract import (
     LABEL_COLUMNS,
     N_CLASSES,
     N_LABELS,
@@ -43,6 +42,7 @@ from lsdc.data.contract import (
 from lsdc.errors import UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
+from lsdc.rundir import RunDir
 
 PredictRunFn = Callable[..., np.ndarray]
 """``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
@@ -58,77 +58,6 @@ REPORT_COLUMNS = [
 ]
 """predict_report.csv: ``source`` is ``model`` (every listed series read), ``model_partial``
 (the model saw only some series) or ``prior`` (nothing usable, or every run failed)."""
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        required=True,
-        type=Path,
-        metavar="ROOT",
-        help="competition root holding {split}_series_descriptions.csv and {split}_images/ "
-        "(read only; the Kaggle input folder works as is)",
-    )
-    parser.add_argument(
-        "--run",
-        required=True,
-        nargs="+",
-        type=Path,
-        help="one or more run folders (lsdc train); every fold checkpoint of every run is "
-        "averaged, each run calibrated with its own RUN/calibration.json",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("submission.csv"), help="submission CSV to write"
-    )
-    parser.add_argument(
-        "--split",
-        choices=("test", "train"),
-        default="test",
-        help="whose series CSV and images to predict (sample_submission.csv orders the test split)",
-    )
-    parser.add_argument(
-        "--tta",
-        choices=("none", "flip"),
-        default="none",
-        help="flip: also predict the left-right mirror (left/right labels swapped back) and average",
-    )
-    parser.add_argument(
-        "--no-calibration",
-        action="store_true",
-        help="ignore RUN/calibration.json (raw ensemble probabilities)",
-    )
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        help="keep the preprocessed cache in this folder (default: a temporary folder, removed)",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="preprocessing processes")
-    parser.add_argument(
-        "--device", help="torch device, e.g. cpu or cuda (default: cuda if available)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def predict_from_args(args: argparse.Namespace) -> int:
-    result = predict_split(
-        args.data,
-        args.run,
-        args.out,
-        split=args.split,
-        tta_flip=args.tta == "flip",
-        calibrate=not args.no_calibration,
-        cache_dir=args.cache,
-        workers=args.workers,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    counts = result.report["source"].value_counts()
-    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("model", "model_partial", "prior"))
-    print(
-        f"{result.submission_path}: {len(result.submission)} rows, {len(result.report)} studies ({summary})"
-    )
-    print(f"report: {result.report_path}")
-    return 0
 
 
 @dataclass(frozen=True)
@@ -148,7 +77,7 @@ def load_class_prior(run_dir: str | Path) -> np.ndarray:
     Raises:
         UserError: the file is missing, lacks a label, or holds a row that is not a distribution.
     """
-    path = Path(run_dir) / "class_prior.csv"
+    path = RunDir(run_dir).class_prior
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run_dir} a run folder written by lsdc train?")
     try:
@@ -183,7 +112,7 @@ def check_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found")
-    if not list(run_dir.glob("fold*/best.pt")):
+    if not RunDir(run_dir).trained_folds():
         raise UserError(f"{run_dir}: no fold*/best.pt checkpoint; is it a finished lsdc train run?")
     return run_dir
 
@@ -232,7 +161,7 @@ def _series_status(
     study_ids: Sequence[int], series: pd.DataFrame, cache_dir: Path, preprocess_error: str
 ) -> pd.DataFrame:
     """Per study: how many series were listed and read, what is missing, and why."""
-    from lsdc.data.cache import REPORT_COLUMNS as CACHE_REPORT_COLUMNS
+    from lsdc.preprocessing.cache import REPORT_COLUMNS as CACHE_REPORT_COLUMNS
 
     report_path = cache_dir / "preprocess_report.csv"
     if report_path.is_file():
@@ -391,7 +320,7 @@ def predict_split(
         listed_ids = [s for s in study_ids if s in set(series["study_id"])]
         if listed_ids:
             try:
-                from lsdc.data.cache import preprocess_split
+                from lsdc.preprocessing.cache import preprocess_split
 
                 t0 = time.perf_counter()
                 preprocess_split(

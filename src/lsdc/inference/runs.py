@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lsdc.checkpoint import load_checkpoint
+from lsdc.config import config_from_dict
+from lsdc.distributed import DistContext
 from lsdc.errors import UserError
-from lsdc.training.checkpoint import load_checkpoint
-from lsdc.training.config import config_from_dict
-from lsdc.training.distributed import DistContext
-from lsdc.training.engine import make_loader, predict_loader
-from lsdc.training.tasks import create_task
+from lsdc.rundir import RunDir
+from lsdc.tasks.base import create_task
+from lsdc.tasks.predict_loop import make_loader, predict_loader
 
 
 def fold_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -22,8 +23,7 @@ def fold_checkpoints(run_dir: str | Path) -> list[Path]:
     Raises:
         UserError: the run folder has none.
     """
-    run_dir = Path(run_dir)
-    paths = sorted(run_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[len("fold") :]))
+    paths = [fold.best for fold in RunDir(run_dir).trained_folds()]
     if not paths:
         raise UserError(f"{run_dir}: no fold*/best.pt; is this an lsdc train run folder?")
     return paths

@@ -1,6 +1,6 @@
 """Stage 2 of the two-stage model: grade each of the 25 findings from a crop around its point.
 
-Every crop (a few slices of a fixed field in mm, see ``lsdc.data.crops``) goes through one 2D
+Every crop (a few slices of a fixed field in mm, see ``lsdc.datasets.crops``) goes through one 2D
 encoder slice by slice; the slice features are pooled by attention or a GRU, a learned embedding of
 the crop's level is added, and one head per scoring group (spinal, foraminal, subarticular) gives
 three logits. Right-sided crops arrive mirrored onto the left, so one set of weights grades both
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import ResNet
 
-from lsdc.data.contract import CONDITION_GROUP, CONDITIONS, LEVELS, N_CLASSES, N_LABELS
+from lsdc.contract import CONDITION_GROUP, CONDITIONS, LEVELS, N_CLASSES, N_LABELS
 from lsdc.errors import UserError
 from lsdc.models.registry import register_model
 

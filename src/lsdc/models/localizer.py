@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
-from lsdc.data.contract import N_LABELS
+from lsdc.contract import N_LABELS
 from lsdc.models.registry import register_model
 
 

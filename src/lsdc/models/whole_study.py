@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lsdc.data.contract import N_CLASSES, N_LABELS
+from lsdc.contract import N_CLASSES, N_LABELS
 from lsdc.errors import UserError
 from lsdc.models.encoders import (
     DynUNetEncoder,

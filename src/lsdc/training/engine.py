@@ -1,13 +1,12 @@
 """The one training engine: folds, AdamW, schedules, AMP, clipping, EMA, checkpoints with exact
 resume, DDP, early stopping on the official score, out-of-fold predictions and metrics.
 
-It drives a :class:`~lsdc.training.tasks.TrainingTask` and never branches on a model or task
+It drives a :class:`~lsdc.tasks.base.TrainingTask` and never branches on a model or task
 name, so every model family trains, resumes and is scored the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,30 +19,34 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from lsdc.data.contract import (
+from lsdc.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from lsdc.config import TrainConfig, write_config
+from lsdc.contract import (
     LABEL_COLUMNS,
-    LEFT_RIGHT_PERMUTATION,
     PRED_COLUMNS,
-    all_row_ids,
     labels_to_indices,
     labels_to_solution,
     write_csv_atomic,
 )
-from lsdc.errors import UserError
-from lsdc.evaluation.metric import official_score
-from lsdc.training.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from lsdc.training.config import ConfigError, TrainConfig, write_config
-from lsdc.training.distributed import (
+from lsdc.distributed import (
     DistContext,
     barrier,
-    gather_objects,
     sum_across_ranks,
 )
+from lsdc.errors import UserError
+from lsdc.evaluation.metric import official_score
+from lsdc.rundir import RunDir
+from lsdc.tasks.base import TrainingTask
+from lsdc.tasks.predict_loop import (
+    autocast_context,
+    make_loader,
+    predict_loader,
+    predictions_frame,
+    to_device,
+)
 from lsdc.training.folds import make_folds
-from lsdc.training.tasks import TrainingTask
 from lsdc.utils import write_json_atomic
 
 METRIC_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_score", "lr", "seconds")
@@ -60,20 +63,6 @@ class FoldResult:
 
 
 # ------------------------------------------------------------------------------- small helpers
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for ``amp`` (``bf16``/``fp16``) on ``device``, or a null context for ``none``.
-
-    Raises:
-        ConfigError: fp16 on CPU (CPU autocast supports bf16 only).
-    """
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("config key 'optim.amp': fp16 needs CUDA; use bf16 or none on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
@@ -97,21 +86,8 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def predictions_frame(study_ids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    """(n, 25, 3) probabilities -> submission rows (row_id, normal_mild, moderate, severe)."""
-    frame = pd.DataFrame(probs.reshape(-1, len(PRED_COLUMNS)), columns=list(PRED_COLUMNS))
-    frame.insert(0, "row_id", all_row_ids(study_ids))
-    return frame
 
 
 def class_prior(labels: pd.DataFrame) -> pd.DataFrame:
@@ -125,101 +101,7 @@ def class_prior(labels: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-@torch.no_grad()
-def predict_loader(
-    task: TrainingTask,
-    model: nn.Module,
-    loader: DataLoader,
-    ctx: DistContext,
-    amp: str,
-    tta_flip: bool = False,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Run ``model`` over ``loader`` on every rank and average predictions per study.
-
-    Returns:
-        study ids (sorted), probabilities (n, 25, 3) averaged over each study's samples (and the
-        flipped pass when ``tta_flip``), and the summed loss and sample count of labelled batches
-        (both summed over ranks).
-    """
-    model.eval()
-    ids, probs, masks = [], [], []
-    loss_sum, count = 0.0, 0.0
-    for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        batch = _to_device(batch, ctx.device)
-        with autocast_context(amp, ctx.device):
-            outputs = task.forward(model, batch)
-        if "target" in batch:
-            loss_sum += float(task.loss(outputs, batch)) * len(batch["study_id"])
-            count += len(batch["study_id"])
-        p, m = task.probabilities(outputs, batch)
-        p, m = p.float(), m.float()
-        if tta_flip:
-            flipped = task.flip_batch(batch)
-            with autocast_context(amp, ctx.device):
-                fp, fm = task.probabilities(task.forward(model, flipped), flipped)
-            perm = torch.as_tensor(LEFT_RIGHT_PERMUTATION, device=fp.device)
-            fm = fm[:, perm].float()
-            p = p * m[..., None] + fp.float()[:, perm] * fm[..., None]
-            m = m + fm
-            p = p / m.clamp(min=1)[..., None]
-            m = (m > 0).float()
-        ids.append(batch["study_id"].cpu().numpy())
-        probs.append((p * m[..., None]).cpu().numpy())
-        masks.append(m.cpu().numpy())
-    local = (
-        np.concatenate(ids) if ids else np.zeros(0, np.int64),
-        np.concatenate(probs) if probs else np.zeros((0, len(LABEL_COLUMNS), 3)),
-        np.concatenate(masks) if masks else np.zeros((0, len(LABEL_COLUMNS))),
-    )
-    gathered = gather_objects(local, ctx)
-    all_ids = np.concatenate([g[0] for g in gathered]).astype(np.int64)
-    all_probs = np.concatenate([g[1] for g in gathered])
-    all_masks = np.concatenate([g[2] for g in gathered])
-    studies, inverse = np.unique(all_ids, return_inverse=True)
-    summed = np.zeros((len(studies), *all_probs.shape[1:]))
-    weight = np.zeros((len(studies), all_masks.shape[1]))
-    np.add.at(summed, inverse, all_probs)
-    np.add.at(weight, inverse, all_masks)
-    if (weight == 0).any():
-        raise RuntimeError("some (study, label) entries received no prediction from the task")
-    loss_sum, count = sum_across_ranks([loss_sum, count], ctx)
-    return studies, summed / weight[..., None], loss_sum, count
-
-
 # ------------------------------------------------------------------------------------- the run
-def make_loader(
-    dataset: torch.utils.data.Dataset,
-    config: TrainConfig,
-    ctx: DistContext,
-    train: bool,
-    epoch: int = 0,
-    fold: int = 0,
-) -> DataLoader:
-    """A loader whose order depends only on (seed, fold, epoch): a resumed run replays it.
-    Under DDP each rank gets its shard."""
-    seed = config.seed * 1000 + fold
-    if ctx.distributed:
-        sampler: torch.utils.data.Sampler = DistributedSampler(
-            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train, seed=seed
-        )
-        sampler.set_epoch(epoch)
-    elif train:
-        generator = torch.Generator().manual_seed(seed * 10_000 + epoch)
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset,
-        batch_size=config.data.batch_size,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-        drop_last=train and len(dataset) > config.data.batch_size * ctx.world_size,
-        persistent_workers=False,
-        pin_memory=ctx.device.type == "cuda",
-    )
-
-
 def train_fold(
     task: TrainingTask,
     config: TrainConfig,
@@ -238,8 +120,8 @@ def train_fold(
         stop_after_epoch: end the call after this (0-based) epoch, as a kill would (for tests of
             exact resume); the fold is not marked finished.
     """
-    fold_dir = run_dir / f"fold{fold}"
-    last_path = fold_dir / "last.pt"
+    fold_dir = RunDir(run_dir).fold(fold)
+    last_path = fold_dir.last
     train_ids = folds.loc[folds["fold"] != fold, "study_id"].to_numpy()
     val_ids = folds.loc[folds["fold"] == fold, "study_id"].to_numpy()
     val_labels = labels[labels["study_id"].isin(val_ids)]
@@ -309,7 +191,7 @@ def train_fold(
         loader = make_loader(train_ds, config, ctx, True, epoch, fold)
         bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=not show)
         for batch in bar:
-            batch = _to_device(batch, ctx.device)
+            batch = to_device(batch, ctx.device)
             with autocast_context(config.optim.amp, ctx.device):
                 outputs = task.forward(net, batch)
                 loss = task.loss(outputs, batch)
@@ -360,9 +242,7 @@ def train_fold(
         if ctx.is_primary:
             if improved:
                 _write_best(fold_dir, served, state, config, fold, epoch, score, oof, solution)
-            write_csv_atomic(
-                pd.DataFrame(history, columns=list(METRIC_COLUMNS)), fold_dir / "metrics.csv"
-            )
+            write_csv_atomic(pd.DataFrame(history, columns=list(METRIC_COLUMNS)), fold_dir.metrics)
             save_checkpoint(
                 {
                     "model": model.state_dict(),
@@ -414,24 +294,25 @@ def _write_best(
             "epoch": epoch,
             "metric": score,
         },
-        fold_dir / "best.pt",
+        fold_dir.best,
     )
     write_json_atomic(
-        {"fold": fold, "seed": config.seed, "epoch": epoch, "score": score}, fold_dir / "best.json"
+        {"fold": fold, "seed": config.seed, "epoch": epoch, "score": score}, fold_dir.best_info
     )
     labelled = oof[oof["row_id"].isin(solution["row_id"])]
-    write_csv_atomic(labelled, fold_dir / "oof.csv")
+    write_csv_atomic(labelled, fold_dir.oof)
 
 
 def collect_run_outputs(run_dir: Path, n_folds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gather every trained fold's OOF rows and metrics into ``RUN/oof.csv`` and
     ``RUN/metrics.csv`` (folds trained by separate calls accumulate)."""
+    run = RunDir(run_dir)
     oofs, metrics = [], []
     for k in range(n_folds):
-        if (run_dir / f"fold{k}" / "oof.csv").is_file():
-            oofs.append(pd.read_csv(run_dir / f"fold{k}" / "oof.csv"))
-        if (run_dir / f"fold{k}" / "metrics.csv").is_file():
-            metrics.append(pd.read_csv(run_dir / f"fold{k}" / "metrics.csv"))
+        if run.fold(k).oof.is_file():
+            oofs.append(pd.read_csv(run.fold(k).oof))
+        if run.fold(k).metrics.is_file():
+            metrics.append(pd.read_csv(run.fold(k).metrics))
     oof = (
         pd.concat(oofs, ignore_index=True)
         if oofs
@@ -442,8 +323,8 @@ def collect_run_outputs(run_dir: Path, n_folds: int) -> tuple[pd.DataFrame, pd.D
         if metrics
         else pd.DataFrame(columns=list(METRIC_COLUMNS))
     )
-    write_csv_atomic(oof, run_dir / "oof.csv")
-    write_csv_atomic(metric, run_dir / "metrics.csv")
+    write_csv_atomic(oof, run.oof)
+    write_csv_atomic(metric, run.metrics)
     return oof, metric
 
 
@@ -451,7 +332,8 @@ def _prepare_run_dir(
     run_dir: Path, config: TrainConfig, labels: pd.DataFrame, ctx: DistContext
 ) -> pd.DataFrame:
     """Write config.yaml, folds.csv and class_prior.csv (rank 0), or check them on resume."""
-    folds_path = run_dir / "folds.csv"
+    run = RunDir(run_dir)
+    folds_path = run.folds
     folds = make_folds(labels, config.folds.n_folds, config.seed)
     if folds_path.is_file():
         previous = pd.read_csv(folds_path)
@@ -467,9 +349,9 @@ def _prepare_run_dir(
             )
     if ctx.is_primary:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir / "config.yaml")
+        write_config(config, run.config)
         write_csv_atomic(folds, folds_path)
-        write_csv_atomic(class_prior(labels), run_dir / "class_prior.csv")
+        write_csv_atomic(class_prior(labels), run.class_prior)
     barrier(ctx)
     return folds
 

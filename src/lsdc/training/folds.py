@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lsdc.data.contract import IGNORE_INDEX, labels_to_indices
+from lsdc.contract import IGNORE_INDEX, labels_to_indices
 from lsdc.errors import UserError
-from lsdc.training.loss import GROUP_INDICES
+from lsdc.tasks.losses import GROUP_INDICES
 
 
 def severity_signature(labels: pd.DataFrame) -> np.ndarray:

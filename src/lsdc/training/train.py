@@ -1,65 +1,57 @@
-"""`lsdc train`: a config file + overrides -> a run folder (docs/ARCHITECTURE.md, "Runs").
+"""Train a config into a run folder (docs/ARCHITECTURE.md, "Run folder").
 
-The same command trains on one process or, under ``torchrun --nproc_per_node N``, on N
-processes with DistributedDataParallel.
+The same call trains on one process or, under ``torchrun --nproc_per_node N``, on N processes
+with DistributedDataParallel.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
+from lsdc.config import TrainConfig, load_config
+from lsdc.distributed import init_distributed, shutdown_distributed
 from lsdc.errors import UserError
-from lsdc.training.config import load_config
-from lsdc.training.distributed import init_distributed, shutdown_distributed
-from lsdc.training.engine import train_run
-from lsdc.training.tasks import create_task
+from lsdc.tasks.base import create_task
+from lsdc.training.engine import FoldResult, train_run
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of ``lsdc train``."""
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="YAML config: a path, or a name in the repository's configs/ (e.g. tiny, demo)",
-    )
-    parser.add_argument("--data", required=True, type=Path, help="competition root (train.csv)")
-    parser.add_argument("--cache", required=True, type=Path, help="cache of the train split")
-    parser.add_argument("--out", required=True, type=Path, help="run folder to write")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted config overrides, e.g. optim.epochs=3 folds.fold=0",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from each fold's last checkpoint",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to train (auto: CUDA when available)",
-    )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (the one-line summary of each epoch stays)",
-    )
+def train(
+    config: str | Path | TrainConfig,
+    data_root: str | Path,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[FoldResult]:
+    """Train the configured folds of ``config`` into the run folder ``out_dir``.
 
+    Args:
+        config: a shipped config name (``two_stage_demo``), a YAML path, or a loaded config.
+        data_root: competition root (``train.csv``, ``train_label_coordinates.csv``).
+        cache_dir: the train split's cache (``lsdc preprocess``).
+        out_dir: the run folder.
+        overrides: dotted ``key=value`` overrides applied over ``config``.
+        resume: continue each fold from its last checkpoint.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        progress: show progress bars (one summary line per epoch stays).
 
-def train_from_args(args: argparse.Namespace) -> int:
-    """Run ``lsdc train``; returns the exit code."""
-    config = load_config(args.config, args.overrides)
-    for flag, folder in (("--data", args.data), ("--cache", args.cache)):
+    Returns:
+        One result per fold trained by this call.
+    """
+    if isinstance(config, TrainConfig):
+        if overrides:
+            raise UserError("overrides apply to a config name or file, not to a loaded config")
+    else:
+        config = load_config(config, list(overrides))
+    for flag, folder in (("--data", data_root), ("--cache", cache_dir)):
         if not Path(folder).is_dir():
             raise UserError(f"{folder}: {flag} folder not found")
-    ctx = init_distributed(None if args.device == "auto" else args.device)
+    ctx = init_distributed(None if device == "auto" else device)
     try:
-        task = create_task(config, args.cache, args.data)
-        train_run(task, config, args.out, ctx, resume=args.resume, progress=not args.no_progress)
+        task = create_task(config, Path(cache_dir), Path(data_root))
+        return train_run(task, config, Path(out_dir), ctx, resume=resume, progress=progress)
     finally:
         shutdown_distributed()
-    return 0

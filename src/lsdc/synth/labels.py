@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lsdc.data.contract import CONDITIONS, LEVELS, N_LABELS, label_index
+from lsdc.contract import CONDITIONS, LEVELS, N_LABELS, label_index
 
 THRESHOLDS: dict[str, tuple[float, float]] = {
     "spinal_canal_stenosis": (0.5, 0.689),

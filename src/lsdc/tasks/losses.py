@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lsdc.data.contract import CLASS_WEIGHTS, CONDITION_GROUP, CONDITIONS, IGNORE_INDEX, LEVELS
+from lsdc.contract import CLASS_WEIGHTS, CONDITION_GROUP, CONDITIONS, IGNORE_INDEX, LEVELS
 
 _GROUP_OF_LABEL = np.repeat([CONDITION_GROUP[c] for c in CONDITIONS], len(LEVELS))
 GROUP_INDICES: dict[str, np.ndarray] = {

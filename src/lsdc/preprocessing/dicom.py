@@ -45,8 +45,8 @@ from pydicom.pixels import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from lsdc.data.geometry import StackGeometry
 from lsdc.errors import UserError
+from lsdc.preprocessing.geometry import StackGeometry
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between ImageOrientationPatient components of slices of one stack."""

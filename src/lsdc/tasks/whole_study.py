@@ -10,17 +10,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from lsdc.data.contract import LABEL_COLUMNS, SERIES_DESCRIPTIONS
-from lsdc.data.datasets import (
+from lsdc.config import ConfigError, TrainConfig
+from lsdc.contract import LABEL_COLUMNS, SERIES_DESCRIPTIONS
+from lsdc.datasets.transforms import flip_left_right, training_transforms
+from lsdc.datasets.whole_study import (
     N_META,
     StudyVolumeStore,
     WholeStudyDataset,
     fit_meta_normaliser,
 )
-from lsdc.data.transforms import flip_left_right, training_transforms
-from lsdc.training.config import ConfigError, TrainConfig
-from lsdc.training.loss import severity_loss
-from lsdc.training.tasks import TrainingTask, build_registered_model, register_task
+from lsdc.tasks.base import TrainingTask, build_registered_model, register_task
+from lsdc.tasks.losses import severity_loss
 
 
 @register_task

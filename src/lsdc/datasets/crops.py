@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from lsdc.data.geometry import StackGeometry
+from lsdc.preprocessing.geometry import StackGeometry
 
 SAGITTAL_MIRROR = np.diag([-1.0, 1.0, 1.0])
 """Reflection through the patient's sagittal plane (LPS: x is the left-right axis)."""

@@ -1,7 +1,7 @@
 """`lsdc preprocess`: decode every series once into a memory-mappable cache, and read it back.
 
 Decoding DICOM inside a training loop starves a GPU, so each series is read once
-(:func:`lsdc.data.dicom.read_series`), optionally resampled to a target spacing, and written as
+(:func:`lsdc.preprocessing.dicom.read_series`), optionally resampled to a target spacing, and written as
 one ``.npy`` per stack plus a JSON sidecar with its geometry. Training and inference then read a
 memory map. docs/cache.md documents the layout; docs/ARCHITECTURE.md states the API.
 
@@ -13,7 +13,6 @@ only the series that have no entry yet and ends with a cache identical to an uni
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -27,14 +26,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from lsdc.data.contract import load_series_descriptions, write_csv_atomic
-from lsdc.data.dicom import SeriesReadError, Volume, read_series
-from lsdc.data.geometry import StackGeometry
+from lsdc.contract import SPLITS, load_series_descriptions, write_csv_atomic
 from lsdc.errors import UserError
+from lsdc.preprocessing.dicom import SeriesReadError, Volume, read_series
+from lsdc.preprocessing.geometry import StackGeometry
 from lsdc.utils import read_json, write_json_atomic
 
 CACHE_FORMAT = 1
-SPLITS = ("train", "test")
 SERIES_RECORD = "series.json"
 """Per-series record (its report rows); present exactly when the series entry is complete."""
 
@@ -391,34 +389,3 @@ def _collect_rows(cache_dir: Path, series: pd.DataFrame) -> list[dict[str, Any]]
         if record.is_file():
             rows.extend(read_json(record)["rows"])
     return rows
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of ``lsdc preprocess``."""
-    parser.add_argument("--data", required=True, type=Path, help="competition root folder")
-    parser.add_argument("--cache", required=True, type=Path, help="cache folder to fill")
-    parser.add_argument("--split", required=True, choices=SPLITS, help="which split to cache")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="worker processes, one series at a time each"
-    )
-    parser.add_argument(
-        "--spacing",
-        type=float,
-        nargs=3,
-        metavar="MM",
-        help="resample every stack to this (slice, row, col) spacing in mm; default: keep",
-    )
-
-
-def preprocess_from_args(args: argparse.Namespace) -> int:
-    """Run ``lsdc preprocess``; print a one-line summary per status."""
-    report = preprocess_split(
-        args.data, args.cache, args.split, workers=args.workers, spacing=args.spacing
-    )
-    counts = report["status"].value_counts()
-    print(
-        f"{counts.get('ok', 0)} stacks ok, {counts.get('warning', 0)} with warnings, "
-        f"{counts.get('error', 0)} series failed; report: {args.cache / 'preprocess_report.csv'}"
-    )
-    return 0

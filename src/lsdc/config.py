@@ -4,12 +4,13 @@ loaded once into typed dataclasses and handed down as plain values.
 A key that no dataclass declares is a typo, and a typo silently ignored wastes a training run,
 so every unknown key raises :class:`ConfigError` naming the key and the file it came from.
 ``model.params`` is the one free-form mapping: it is passed to the model constructor, which
-checks it against its own signature (see :func:`lsdc.training.tasks.build_registered_model`).
+checks it against its own signature (see :func:`lsdc.tasks.base.build_registered_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ import yaml
 from lsdc.errors import UserError
 from lsdc.utils import write_text_atomic
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-"""``configs/`` of the repository (the package is installed editable)."""
+SHIPPED_CONFIG_DIR = Path(str(importlib.resources.files("lsdc") / "configs"))
+"""The configs shipped inside the package (``lsdc/configs/*.yaml``), found the same way from a
+source checkout, an editable install or an installed wheel."""
 
 
 class ConfigError(UserError):
@@ -92,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """The training loss (see :mod:`lsdc.training.loss`)."""
+    """The training loss (see :mod:`lsdc.tasks.losses`)."""
 
     any_severe_weight: float = 0.0
     """Weight of the metric's any-severe-spinal binary term; 0 leaves it out."""
@@ -137,15 +139,20 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """Find a config file: the path as given, else ``configs/NAME`` or ``configs/NAME.yaml`` of
-    the repository, so ``--config tiny`` works from any working directory."""
+    """Find a config file: the path as given, else the shipped ``NAME`` or ``NAME.yaml``, so
+    ``--config tiny`` works from any working directory and from an installed wheel."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (REPO_CONFIG_DIR / path, REPO_CONFIG_DIR / f"{path}.yaml"):
+    for candidate in (SHIPPED_CONFIG_DIR / path, SHIPPED_CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"{name}: config file not found (also looked in {REPO_CONFIG_DIR})")
+    raise ConfigError(f"{name}: config file not found (also looked in {SHIPPED_CONFIG_DIR})")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``--config NAME``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIG_DIR.glob("*.yaml"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -17,9 +17,9 @@ import torch
 from monai.transforms import NormalizeIntensity, Resize
 from torch.utils.data import Dataset
 
-from lsdc.data.cache import best_stacks, load_stack, read_cache_index
-from lsdc.data.contract import IGNORE_INDEX, LABEL_COLUMNS, SERIES_DESCRIPTIONS, labels_to_indices
-from lsdc.data.transforms import sample_seed, seed_transform
+from lsdc.contract import IGNORE_INDEX, LABEL_COLUMNS, SERIES_DESCRIPTIONS, labels_to_indices
+from lsdc.datasets.transforms import sample_seed, seed_transform
+from lsdc.preprocessing.cache import best_stacks, load_stack, read_cache_index
 
 META_FEATURES: tuple[str, ...] = (
     "slice_thickness",

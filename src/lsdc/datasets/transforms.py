@@ -25,7 +25,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from lsdc.data.contract import LEFT_RIGHT_PERMUTATION
+from lsdc.contract import LEFT_RIGHT_PERMUTATION
 
 
 def flip_left_right(sample: dict[str, Any]) -> dict[str, Any]:

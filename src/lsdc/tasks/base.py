@@ -19,16 +19,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from lsdc.data.cache import read_cache_index
-from lsdc.data.contract import load_train_labels
+from lsdc.config import ConfigError, TrainConfig
+from lsdc.contract import load_train_labels
 from lsdc.errors import UserError
-from lsdc.training.config import ConfigError, TrainConfig
+from lsdc.preprocessing.cache import read_cache_index
 
 _TASKS: dict[str, type[TrainingTask]] = {}
 
 _BUILTIN_TASK_MODULES: tuple[str, ...] = (
-    "lsdc.training.whole_study_task",
-    "lsdc.training.two_stage",
+    "lsdc.tasks.whole_study",
+    "lsdc.tasks.two_stage",
 )
 """Modules whose import registers a task; a new task adds its module here."""
 
@@ -104,12 +104,6 @@ def register_task(cls: type[TrainingTask]) -> type[TrainingTask]:
 def _import_builtin_tasks() -> None:
     for module in _BUILTIN_TASK_MODULES:
         importlib.import_module(module)
-
-
-def list_tasks() -> list[str]:
-    """Names of every registered task."""
-    _import_builtin_tasks()
-    return sorted(_TASKS)
 
 
 def create_task(config: TrainConfig, cache_dir: Path, data_root: Path | None) -> TrainingTask:

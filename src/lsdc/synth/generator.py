@@ -4,8 +4,8 @@ It writes every file of the real competition folder (CSVs and ``{split}_images/{
 {series_id}/{instance_number}.dcm``) from a seed, plus the answer key beside them:
 ``oracle_train.csv`` / ``oracle_test.csv`` (the true class probabilities) and
 ``solution_test.csv`` (the test labels in the metric's solution format). Images come from the
-phantom of :mod:`lsdc.data.phantom`, labels from the generative model of
-:mod:`lsdc.data.synth_labels`; docs/synthetic.md describes both.
+phantom of :mod:`lsdc.synth.phantom`, labels from the generative model of
+:mod:`lsdc.synth.labels`; docs/synthetic.md describes both.
 
 Everything random is drawn from numpy Generators seeded by (seed, split, study index), so a seed
 gives the same bytes on every run.
@@ -13,10 +13,7 @@ gives the same bytes on every run.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import multiprocessing
-import os
 import shutil
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -30,8 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from lsdc.data import phantom, synth_labels
-from lsdc.data.contract import (
+from lsdc.contract import (
     CONDITION_NAMES,
     CONDITIONS,
     GRADING_SERIES,
@@ -40,14 +36,16 @@ from lsdc.data.contract import (
     LEVELS,
     PRED_COLUMNS,
     SEVERITIES,
+    SPLITS,
     all_row_ids,
     labels_to_solution,
     write_csv_atomic,
 )
 from lsdc.errors import UserError
+from lsdc.synth import labels as synth_labels
+from lsdc.synth import phantom
+from lsdc.synth.config import SynthConfig
 from lsdc.utils import atomic_path
-
-SPLITS: tuple[str, ...] = ("train", "test")
 
 ANSWER_FILES: tuple[str, ...] = ("oracle_train.csv", "oracle_test.csv", "solution_test.csv")
 """Files beside the competition files that hold the answer (no competition file has these names)."""
@@ -56,77 +54,6 @@ MANUFACTURERS: tuple[str, ...] = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips Medi
 
 _SAGITTAL = (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]))
 _AXIAL = (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]))
-
-REALISM_RATES: dict[str, str] = {
-    "missing_series_rate": "share of studies that lack one of their three series",
-    "two_axial_series_rate": "share of studies whose Axial T2 is split into two series",
-    "multi_stack_axial_rate": "share of studies whose one Axial T2 series holds two tilted stacks",
-    "instance_gap_rate": "share of series whose instance numbers have gaps and do not start at 1",
-    "unordered_instances_rate": "share of series whose instance numbers do not follow slice order",
-    "oblique_rate": "share of series with a small in-plane rotation and slightly oblique planes",
-    "matrix_variation_rate": "share of series whose matrix differs from --image-size",
-    "missing_spacing_rate": "share of series without the SpacingBetweenSlices tag",
-    "unlabelled_rate": "share of studies with some unlabelled (NaN) findings",
-}
-"""Realism switches: each is a rate; 0 turns the feature off."""
-
-
-@dataclass
-class SynthConfig:
-    """What ``lsdc synth`` writes.
-
-    Attributes:
-        train_studies / test_studies: number of studies per split.
-        seed: the one source of randomness; the same seed gives the same bytes.
-        image_size: default matrix (rows = columns) of every series. Pixel spacing is field of
-            view / matrix, so the anatomy keeps its size in mm whatever the matrix.
-        slices: sagittal slice count per series (spread to cover both foramina).
-        axial_slices: Axial T2 slice count of a study (split between stacks/series when there are
-            several); None means twice ``slices``.
-        The ``*_rate`` fields are the realism switches of REALISM_RATES (0 = off).
-    """
-
-    train_studies: int = 8
-    test_studies: int = 4
-    seed: int = 0
-    image_size: int = 96
-    slices: int = 15
-    axial_slices: int | None = None
-    missing_series_rate: float = 0.03
-    two_axial_series_rate: float = 0.15
-    multi_stack_axial_rate: float = 0.1
-    instance_gap_rate: float = 0.15
-    unordered_instances_rate: float = 0.3
-    oblique_rate: float = 0.5
-    matrix_variation_rate: float = 0.3
-    missing_spacing_rate: float = 0.1
-    unlabelled_rate: float = synth_labels.UNLABELLED_STUDY_RATE
-
-    def without_realism(self) -> SynthConfig:
-        """The same config with every realism switch off (clean, regular series)."""
-        return dataclasses.replace(self, **{name: 0.0 for name in REALISM_RATES})
-
-    @property
-    def n_axial_slices(self) -> int:
-        """Axial T2 slices per study: ``axial_slices`` or, when None, twice ``slices``."""
-        return self.axial_slices if self.axial_slices is not None else 2 * self.slices
-
-    def validate(self) -> None:
-        """Raise UserError on a value no study could be drawn with."""
-        if self.train_studies < 0 or self.test_studies < 0:
-            raise UserError("study counts must be >= 0")
-        if self.train_studies + self.test_studies == 0:
-            raise UserError("nothing to write: --train-studies and --test-studies are both 0")
-        if self.image_size < 16:
-            raise UserError(f"--image-size must be >= 16 pixels, got {self.image_size}")
-        if self.slices < 3:
-            raise UserError(f"--slices must be >= 3, got {self.slices}")
-        if self.n_axial_slices < 6:
-            raise UserError(f"--axial-slices must be >= 6, got {self.n_axial_slices}")
-        for name in REALISM_RATES:
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"{name} must be within [0, 1], got {value}")
 
 
 # --------------------------------------------------------------------------------- series plans
@@ -667,70 +594,3 @@ def synthesize(
     write_csv_atomic(sample, out / "sample_submission.csv")
     write_csv_atomic(labels_to_solution(_labels_frame(test)), out / "solution_test.csv")
     return out
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of ``lsdc synth``."""
-    defaults = SynthConfig()
-    parser.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
-    parser.add_argument("--train-studies", type=int, default=defaults.train_studies)
-    parser.add_argument("--test-studies", type=int, default=defaults.test_studies)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--image-size", type=int, default=defaults.image_size, help="matrix (rows = columns)"
-    )
-    parser.add_argument(
-        "--slices", type=int, default=defaults.slices, help="sagittal slices per series"
-    )
-    parser.add_argument(
-        "--axial-slices", type=int, default=None, help="Axial T2 slices per study (2 x --slices)"
-    )
-    parser.add_argument(
-        "--no-realism", action="store_true", help="turn every realism switch off (rates below = 0)"
-    )
-    for name, help_text in REALISM_RATES.items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=float,
-            default=getattr(defaults, name),
-            help=f"{help_text} (default %(default)s)",
-        )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="processes rendering studies in parallel; the output is the same for any count "
-        "(default: one per CPU core, %(default)s here)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def synth_from_args(args: argparse.Namespace) -> int:
-    """Run ``lsdc synth`` from parsed arguments."""
-    config = SynthConfig(
-        train_studies=args.train_studies,
-        test_studies=args.test_studies,
-        seed=args.seed,
-        image_size=args.image_size,
-        slices=args.slices,
-        axial_slices=args.axial_slices,
-        **{name: getattr(args, name) for name in REALISM_RATES},
-    )
-    if args.no_realism:
-        config = config.without_realism()
-    out = synthesize(args.out, config, progress=not args.quiet, workers=args.workers)
-    print(
-        f"lsdc synth: wrote {config.train_studies} train and {config.test_studies} test studies to {out}"
-    )
-    return 0
-
-
-__all__ = [
-    "ANSWER_FILES",
-    "REALISM_RATES",
-    "SynthConfig",
-    "add_synth_arguments",
-    "synth_from_args",
-    "synthesize",
-]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from lsdc.data.contract import CONDITIONS, LEVELS
+from lsdc.contract import CONDITIONS, LEVELS
 
 # Tissue codes of the label grid. Nucleus codes come last, one per disc, so each disc can have its
 # own (degeneration-dependent, label-independent) T2 brightness.

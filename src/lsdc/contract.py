@@ -14,6 +14,9 @@ import pandas as pd
 
 from lsdc.errors import UserError
 
+SPLITS: tuple[str, ...] = ("train", "test")
+"""The competition's splits: ``{split}_series_descriptions.csv`` and ``{split}_images/``."""
+
 CONDITIONS: tuple[str, ...] = (
     "spinal_canal_stenosis",
     "left_neural_foraminal_narrowing",
@@ -75,7 +78,6 @@ GRADING_SERIES: dict[str, str] = {
 
 _CONDITION_BY_NAME = dict(zip(CONDITION_NAMES, CONDITIONS, strict=True))
 _LEVEL_BY_NAME = dict(zip(LEVEL_NAMES, LEVELS, strict=True))
-_SEVERITY_INDEX = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 def _mirror(name: str) -> str:

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lsdc.data.cache import CachedStack, best_stacks, load_stack, read_cache_index
-from lsdc.data.contract import (
+from lsdc.contract import (
     CONDITIONS,
     GRADING_SERIES,
     IGNORE_INDEX,
@@ -33,7 +32,8 @@ from lsdc.data.contract import (
     SERIES_DESCRIPTIONS,
     label_index,
 )
-from lsdc.data.crops import CropSpec, extract_crop, locate_in_stacks
+from lsdc.datasets.crops import CropSpec, extract_crop, locate_in_stacks
+from lsdc.preprocessing.cache import CachedStack, best_stacks, load_stack, read_cache_index
 
 LOCALIZER_SERIES: tuple[str, ...] = SERIES_DESCRIPTIONS
 """The localizer's input slots, one volume per series description."""

@@ -24,7 +24,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from lsdc.data.contract import (
+from lsdc.config import ConfigError, TrainConfig, build_section
+from lsdc.contract import (
     CONDITION_GROUP,
     CONDITIONS,
     LABEL_COLUMNS,
@@ -34,8 +35,8 @@ from lsdc.data.contract import (
     labels_to_indices,
     load_label_coordinates,
 )
-from lsdc.data.crops import CropSpec
-from lsdc.data.level_datasets import (
+from lsdc.datasets.crops import CropSpec
+from lsdc.datasets.levels import (
     LABEL_SERIES,
     CropAugment,
     StackStore,
@@ -45,9 +46,8 @@ from lsdc.data.level_datasets import (
     study_crops,
 )
 from lsdc.models.localizer import localizer_loss, soft_argmax
-from lsdc.training.config import ConfigError, TrainConfig, build_section
-from lsdc.training.loss import severity_loss
-from lsdc.training.tasks import TrainingTask, build_registered_model, register_task
+from lsdc.tasks.base import TrainingTask, build_registered_model, register_task
+from lsdc.tasks.losses import severity_loss
 
 
 @dataclass
@@ -303,15 +303,17 @@ def localization_oof(
         One row per (study, label column) with a labelled point: study_id, label, group, series,
         error_mm, slice_true, slice_pred.
     """
-    from lsdc.training.checkpoint import load_checkpoint
-    from lsdc.training.config import config_from_dict
+    from lsdc.checkpoint import load_checkpoint
+    from lsdc.config import config_from_dict
+    from lsdc.rundir import RunDir
 
     run_dir, cache_dir, data_root = Path(run_dir), Path(cache_dir), Path(data_root)
-    folds = pd.read_csv(run_dir / "folds.csv")
+    run = RunDir(run_dir)
+    folds = pd.read_csv(run.folds)
     coordinates = load_label_coordinates(data_root / "train_label_coordinates.csv")
     rows = []
     for fold in sorted(folds["fold"].unique()):
-        best = run_dir / f"fold{fold}" / "best.pt"
+        best = run.fold(int(fold)).best
         if not best.is_file():
             continue
         ckpt = load_checkpoint(best, map_location="cpu")

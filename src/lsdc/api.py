@@ -1,0 +1,129 @@
+"""The Python API: one function per pipeline stage, each taking plain arguments and returning
+what it wrote. The CLI (``lsdc VERB``) and ``lsdc demo`` are thin callers of these.
+
+Each function imports its stage when called, so ``import lsdc`` stays cheap (no torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lsdc.config import TrainConfig
+    from lsdc.inference.predict import PredictResult
+    from lsdc.synth.config import SynthConfig
+
+
+def synthesize(
+    out_dir: str | Path,
+    config: SynthConfig | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    **fields: Any,
+) -> Path:
+    """Write a synthetic competition root with a known answer (``docs/synthetic.md``).
+
+    Args:
+        out_dir: a new or empty folder.
+        config: what to write; default ``SynthConfig()``.
+        workers: processes rendering studies (the bytes do not depend on it).
+        progress: show a progress bar.
+        **fields: ``SynthConfig`` fields replaced over ``config`` (e.g. ``train_studies=20``).
+
+    Returns:
+        The competition root.
+    """
+    import dataclasses
+
+    from lsdc.synth.config import SynthConfig
+    from lsdc.synth.generator import synthesize as _synthesize
+
+    config = dataclasses.replace(config or SynthConfig(), **fields)
+    return _synthesize(out_dir, config, progress=progress, workers=workers)
+
+
+def preprocess(
+    data_root: str | Path,
+    cache_dir: str | Path,
+    split: str,
+    workers: int = 1,
+    spacing: Sequence[float] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Cache every series of a split (resumable); returns the report rows it wrote to
+    ``CACHE/preprocess_report.csv`` (one per stack or failed series)."""
+    from lsdc.preprocessing.cache import preprocess_split
+
+    return preprocess_split(
+        data_root, cache_dir, split, workers=workers, spacing=spacing, progress=progress
+    )
+
+
+def train(
+    config: str | Path | TrainConfig,
+    data_root: str | Path,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train ``config`` (a shipped name, a YAML path or a loaded config, plus ``key=value``
+    overrides) into the run folder ``out_dir``; returns the run folder."""
+    from lsdc.training.train import train as _train
+
+    _train(config, data_root, cache_dir, out_dir, overrides, resume, device, progress)
+    return Path(out_dir)
+
+
+def evaluate(
+    predictions: str | Path | None = None,
+    data_root: str | Path | None = None,
+    solution: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score predictions against ``data_root/train.csv`` (out-of-fold rows) or a ``solution``
+    file, write ``report.html`` and ``metrics.json`` to ``out_dir``; with ``run_dir``, also fit
+    the run's calibration. Returns the metrics written."""
+    from lsdc.evaluation.report import evaluate_files
+
+    return evaluate_files(predictions, data_root, solution, run_dir, out_dir)
+
+
+def predict(
+    data_root: str | Path,
+    run_dirs: Sequence[str | Path],
+    out_path: str | Path = "submission.csv",
+    split: str = "test",
+    tta_flip: bool = False,
+    calibrate: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Write a submission for ``split`` from one or more runs, and ``predict_report.csv``
+    beside it; returns both as frames with their paths."""
+    from lsdc.inference.predict import predict_split
+
+    return predict_split(
+        data_root,
+        [Path(r) for r in run_dirs],
+        out_path,
+        split=split,
+        tta_flip=tta_flip,
+        calibrate=calibrate,
+        cache_dir=cache_dir,
+        workers=workers,
+        device=device,
+        progress=progress,
+    )
+
+
+__all__ = ["evaluate", "predict", "preprocess", "synthesize", "train"]

@@ -1,0 +1,104 @@
+"""The one owner of a run folder's layout: every file name of a run is spelled here and only here.
+
+A run folder (``lsdc train --out RUN``) holds::
+
+    RUN/config.yaml          the resolved config (what every fold was trained with)
+    RUN/folds.csv            study_id -> fold
+    RUN/class_prior.csv      smoothed class frequencies per label column (the fallback)
+    RUN/oof.csv              out-of-fold probabilities of every trained fold
+    RUN/metrics.csv          one row per (fold, epoch)
+    RUN/calibration.json     per-condition temperatures (``lsdc evaluate --calibrate``)
+    RUN/fold{k}/last.pt      the latest epoch, with optimiser state (exact resume)
+    RUN/fold{k}/best.pt      the served weights of the best epoch
+    RUN/fold{k}/best.json    fold, seed, epoch, score of best.pt
+    RUN/fold{k}/oof.csv      fold k's out-of-fold rows
+    RUN/fold{k}/metrics.csv  fold k's epochs
+
+An export (``lsdc export``) keeps the same names, without ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_FOLD_DIR = re.compile(r"fold(\d+)")
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """The files of one fold of a run."""
+
+    root: Path
+    fold: int
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def best_info(self) -> Path:
+        return self.root / "best.json"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder's paths; creating one touches nothing on disk."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def class_prior(self) -> Path:
+        return self.root / "class_prior.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.root / f"fold{k}", k)
+
+    def fold_dirs(self) -> list[FoldDir]:
+        """Every ``fold{k}`` folder present, in fold order (with or without weights)."""
+        found = []
+        for path in self.root.glob("fold*"):
+            match = _FOLD_DIR.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append(FoldDir(path, int(match.group(1))))
+        return sorted(found, key=lambda f: f.fold)
+
+    def trained_folds(self) -> list[FoldDir]:
+        """Folds whose served weights exist (``fold{k}/best.pt``), in fold order."""
+        return [f for f in self.fold_dirs() if f.best.is_file()]

@@ -1,0 +1,80 @@
+"""What ``lsdc synth`` writes: a plain dataclass, cheap to import (the CLI reads its defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lsdc.errors import UserError
+from lsdc.synth import labels as synth_labels
+
+REALISM_RATES: dict[str, str] = {
+    "missing_series_rate": "share of studies that lack one of their three series",
+    "two_axial_series_rate": "share of studies whose Axial T2 is split into two series",
+    "multi_stack_axial_rate": "share of studies whose one Axial T2 series holds two tilted stacks",
+    "instance_gap_rate": "share of series whose instance numbers have gaps and do not start at 1",
+    "unordered_instances_rate": "share of series whose instance numbers do not follow slice order",
+    "oblique_rate": "share of series with a small in-plane rotation and slightly oblique planes",
+    "matrix_variation_rate": "share of series whose matrix differs from --image-size",
+    "missing_spacing_rate": "share of series without the SpacingBetweenSlices tag",
+    "unlabelled_rate": "share of studies with some unlabelled (NaN) findings",
+}
+"""Realism switches: each is a rate; 0 turns the feature off."""
+
+
+@dataclass
+class SynthConfig:
+    """What ``lsdc synth`` writes.
+
+    Attributes:
+        train_studies / test_studies: number of studies per split.
+        seed: the one source of randomness; the same seed gives the same bytes.
+        image_size: default matrix (rows = columns) of every series. Pixel spacing is field of
+            view / matrix, so the anatomy keeps its size in mm whatever the matrix.
+        slices: sagittal slice count per series (spread to cover both foramina).
+        axial_slices: Axial T2 slice count of a study (split between stacks/series when there are
+            several); None means twice ``slices``.
+        The ``*_rate`` fields are the realism switches of REALISM_RATES (0 = off).
+    """
+
+    train_studies: int = 8
+    test_studies: int = 4
+    seed: int = 0
+    image_size: int = 96
+    slices: int = 15
+    axial_slices: int | None = None
+    missing_series_rate: float = 0.03
+    two_axial_series_rate: float = 0.15
+    multi_stack_axial_rate: float = 0.1
+    instance_gap_rate: float = 0.15
+    unordered_instances_rate: float = 0.3
+    oblique_rate: float = 0.5
+    matrix_variation_rate: float = 0.3
+    missing_spacing_rate: float = 0.1
+    unlabelled_rate: float = synth_labels.UNLABELLED_STUDY_RATE
+
+    def without_realism(self) -> SynthConfig:
+        """The same config with every realism switch off (clean, regular series)."""
+        return dataclasses.replace(self, **{name: 0.0 for name in REALISM_RATES})
+
+    @property
+    def n_axial_slices(self) -> int:
+        """Axial T2 slices per study: ``axial_slices`` or, when None, twice ``slices``."""
+        return self.axial_slices if self.axial_slices is not None else 2 * self.slices
+
+    def validate(self) -> None:
+        """Raise UserError on a value no study could be drawn with."""
+        if self.train_studies < 0 or self.test_studies < 0:
+            raise UserError("study counts must be >= 0")
+        if self.train_studies + self.test_studies == 0:
+            raise UserError("nothing to write: --train-studies and --test-studies are both 0")
+        if self.image_size < 16:
+            raise UserError(f"--image-size must be >= 16 pixels, got {self.image_size}")
+        if self.slices < 3:
+            raise UserError(f"--slices must be >= 3, got {self.slices}")
+        if self.n_axial_slices < 6:
+            raise UserError(f"--axial-slices must be >= 6, got {self.n_axial_slices}")
+        for name in REALISM_RATES:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{name} must be within [0, 1], got {value}")
