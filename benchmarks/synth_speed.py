@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/synth_speed.py [--studies 100] [--image-size 96] [--slices 15] [--workers 1]
+    python benchmarks/synth_speed.py --profile competition [--studies 10] [--workers 1]
 
 Writes into a temporary folder that is removed afterwards and prints one line of figures. CPU
 time counts the worker processes too, so wall / CPU shows how well the workers were fed.
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=defaults.slices)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes rendering studies")
+    parser.add_argument("--profile", default=defaults.profile, help="size profile (PROFILES)")
     args = parser.parse_args()
     config = SynthConfig(
         train_studies=args.studies,
@@ -34,6 +36,7 @@ def main() -> None:
         seed=args.seed,
         image_size=args.image_size,
         slices=args.slices,
+        profile=args.profile,
     )
     with tempfile.TemporaryDirectory(prefix="lsdc-synth-speed-") as tmp:
         out = Path(tmp) / "root"
@@ -42,8 +45,13 @@ def main() -> None:
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
         files = sum(1 for _ in (out / "train_images").rglob("*.dcm"))
         size = subprocess.run(["du", "-sm", str(out)], capture_output=True, text=True).stdout
+    sizes = (
+        f"image_size={args.image_size}, slices={args.slices}"
+        if args.profile == "default"
+        else f"profile {args.profile}"
+    )
     print(
-        f"{args.studies} studies, image_size={args.image_size}, slices={args.slices}, "
+        f"{args.studies} studies, {sizes}, "
         f"workers={args.workers}: "
         f"{seconds:.1f} s wall ({seconds / args.studies:.3f} s/study), {cpu:.1f} s CPU, "
         f"{files} DICOM files, "

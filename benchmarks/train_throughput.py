@@ -1,6 +1,7 @@
-"""Training throughput per architecture, and the data loader's throughput alone.
+"""Training throughput per whole-series architecture, and the data loader's throughput alone.
 
-For each architecture config (configs/{name}.yaml), times optimiser steps on random batches of
+For each whole-series architecture config (``WHOLE_SERIES_CONFIGS``; the two-stage roles:
+benchmarks/architectures.py), times optimiser steps on random batches of
 the config's volume size and reports samples/s and peak memory (CUDA: peak allocated; CPU: the
 peak resident set of a fresh process per architecture). With --data/--cache it also times the
 training DataLoader (augmentation included) over the cache once the volumes are in RAM: it must
@@ -17,7 +18,8 @@ import resource
 import time
 from pathlib import Path
 
-ARCHITECTURES = ("resnet3d", "segresnet", "dynunet", "swinunetr", "vit")
+WHOLE_SERIES_CONFIGS = ("demo", "whole_segresnet", "whole_dynunet", "whole_swinunetr", "whole_vit")
+"""The whole-series baselines (demo: resnet3d)."""
 
 
 def _time_model(name: str, steps: int, batch_size: int, device: str, queue: mp.Queue) -> None:
@@ -93,11 +95,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--archs", nargs="*", default=list(ARCHITECTURES))
+    parser.add_argument("--archs", nargs="*", default=list(WHOLE_SERIES_CONFIGS))
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")  # a fresh process per model: its own peak memory
-    print(f"{'model':>10s} {'volume':>14s} {'params':>10s} {'samples/s':>10s} {'peak MiB':>9s}")
+    print(f"{'config':>16s} {'volume':>14s} {'params':>10s} {'samples/s':>10s} {'peak MiB':>9s}")
     for name in args.archs:
         queue = ctx.Queue()
         proc = ctx.Process(
@@ -106,10 +108,10 @@ def main() -> None:
         proc.start()
         proc.join()
         if proc.exitcode != 0:
-            print(f"{name:>10s} failed (exit code {proc.exitcode})")
+            print(f"{name:>16s} failed (exit code {proc.exitcode})")
             continue
         name, size, n_params, rate, peak = queue.get()
-        print(f"{name:>10s} {str(tuple(size)):>14s} {n_params:>10,d} {rate:>10.1f} {peak:>9.0f}")
+        print(f"{name:>16s} {str(tuple(size)):>14s} {n_params:>10,d} {rate:>10.1f} {peak:>9.0f}")
     if args.data and args.cache:
         for epoch, rate in _time_loader(args.data, args.cache, args.batch_size, epochs=2):
             print(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lsdc.config import AugmentConfig
+
 TINY_SYNTH = {"train_studies": 6, "test_studies": 2, "seed": 0, "image_size": 32, "slices": 8}
 
 
@@ -21,6 +23,23 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return synthesize(
         tmp_path_factory.mktemp("synth") / "root", SynthConfig(**TINY_SYNTH), progress=False
+    )
+
+
+COMPETITION_SYNTH = {"train_studies": 2, "test_studies": 1, "seed": 6, "profile": "competition"}
+"""Three studies at the real data's sizes (seed 6: 320-512 px, an Axial T2 of two tilted stacks
+in one series and one split into two series)."""
+
+
+@pytest.fixture(scope="session")
+def competition_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic root of ``lsdc synth --profile competition`` (COMPETITION_SYNTH)."""
+    from lsdc.synth.generator import SynthConfig, synthesize
+
+    return synthesize(
+        tmp_path_factory.mktemp("competition") / "root",
+        SynthConfig(**COMPETITION_SYNTH),
+        progress=False,
     )
 
 
@@ -55,18 +74,46 @@ def tiny_run(synth_root: Path, synth_cache: Path, tmp_path_factory: pytest.TempP
     return run
 
 
+TINY_TWO_STAGE = [
+    "data.volume_size=[16,32,32]",
+    "data.batch_size=2",
+    "model.params={widths: [8, 8, 16, 16], layers: [1, 1, 1, 1]}",
+    "task_params.localizer.params={features: [4, 4, 8, 8, 8, 4]}",
+    "task_params.crop_size=16",
+    "task_params.crop_slices=3",
+    "optim.epochs=1",
+    "folds.n_folds=2",
+]
+"""Overrides that shrink ``two_stage_demo`` to seconds on ``synth_cache``."""
+
+
+@pytest.fixture(scope="session")
+def tiny_two_stage_run(
+    synth_root: Path, synth_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A finished ``lsdc train --config two_stage_demo`` run (TINY_TWO_STAGE) over
+    ``synth_cache`` (every fold)."""
+    from lsdc.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "two_stage"
+    argv = ["train", "--config", "two_stage_demo", "--data", str(synth_root)]
+    argv += ["--cache", str(synth_cache), "--out", str(run), "--no-progress", *TINY_TWO_STAGE]
+    assert main(argv) == 0
+    return run
+
+
 @pytest.fixture
-def augment_kwargs() -> dict:
-    """Arguments of ``training_transforms`` with every random transform switched on (elastic
-    excepted: slow and covered by MONAI's own tests)."""
-    return {
-        "flip_prob": 0.5,
-        "affine_prob": 1.0,
-        "rotate_degrees": 10.0,
-        "scale": 0.1,
-        "elastic_prob": 0.0,
-        "noise_prob": 1.0,
-        "noise_std": 0.1,
-        "shift_prob": 1.0,
-        "intensity_shift": 0.1,
-    }
+def augment() -> AugmentConfig:
+    """Augmentation with every random transform switched on (elastic excepted: slow and covered
+    by MONAI's own tests)."""
+    return AugmentConfig(
+        flip_prob=0.5,
+        affine_prob=1.0,
+        rotate_degrees=10.0,
+        scale=0.1,
+        elastic_prob=0.0,
+        noise_prob=1.0,
+        noise_std=0.1,
+        shift_prob=1.0,
+        intensity_shift=0.1,
+    )

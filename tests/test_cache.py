@@ -230,7 +230,7 @@ def test_kill_9_mid_series_then_rerun_gives_an_identical_cache(cache, root, tmp_
 def test_resampling_writes_the_geometry_of_the_new_grid(root, tmp_path):
     preprocess_split(root, tmp_path / "c", "train", spacing=(2.0, 1.0, 1.5), progress=False)
     stack = load_stack(tmp_path / "c", 1, 10)
-    assert stack.array.shape == (9, 8, 6)  # extents 16 x 7.5 x 8.25 mm
+    assert stack.array.shape == (9, 9, 7)  # extents 16 x 7.5 x 8.25 mm, kept whole
     assert stack.geometry.spacing == pytest.approx((2.0, 1.0, 1.5))
     assert stack.source_geometry.spacing == pytest.approx((4.0, 0.5, 0.75))
     # a source voxel and its resampled twin are the same patient point

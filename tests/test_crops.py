@@ -156,3 +156,43 @@ def test_level_points_go_to_the_axial_stack_and_slice_through_them() -> None:
     # A point between the stacks goes to the nearer one, as a fallback.
     found, _ = locate_in_stacks(np.array([0.0, 0.0, 33.0]), stacks, shapes)
     assert found == 1
+
+
+class _CountingArray:
+    """A stack that counts the voxels read from it, as a memory map pages them in."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype, self.voxels_read = array, array.shape, array.dtype, 0
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        block = self.array[key]
+        self.voxels_read += block.size
+        return block
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        self.voxels_read += self.array.size
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(SERIES))
+def test_crop_reads_only_its_neighbourhood_and_matches_the_whole_stack(name: str) -> None:
+    """A 20 mm crop of a 256 x 256 stack reads a few percent of it, and gives exactly what
+    interpolating the whole stack gives, also where the crop overhangs the stack's edges."""
+    from scipy.ndimage import map_coordinates
+
+    geometry = SERIES[name]
+    shape = (geometry.n_slices, 256, 256)
+    volume = np.random.default_rng(0).integers(0, 4000, shape).astype(np.uint16)
+    spec = CropSpec(field_mm=20.0, size=16, n_slices=3)
+    corner = geometry.voxel_to_patient([[0.0, 0.0, 0.0]])[0]
+    for centre in (geometry.voxel_to_patient([[shape[0] / 2, 128.0, 100.0]])[0], corner):
+        for mirror, rotation in ((False, 0.0), (True, 17.0)):
+            counting = _CountingArray(volume)
+            crop = extract_crop(counting, geometry, centre, spec, mirror, rotation)
+            points = crop_points(geometry, centre, spec, mirror, rotation).reshape(-1, 3)
+            whole = map_coordinates(
+                volume.astype(np.float32), geometry.patient_to_voxel(points).T, order=1,
+                mode="constant", cval=0.0,
+            )  # fmt: skip
+            np.testing.assert_array_equal(crop.ravel(), whole)
+            assert counting.voxels_read < 0.05 * volume.size, counting.voxels_read

@@ -82,7 +82,7 @@ def test_unlabelled_dataset_has_no_target(store, study_ids) -> None:
     assert "target" not in ds[0] and len(ds) == 2
 
 
-def test_augmented_items_replay_per_epoch(store, study_ids, augment_kwargs) -> None:
+def test_augmented_items_replay_per_epoch(store, study_ids, augment) -> None:
     normaliser = fit_meta_normaliser(store, study_ids)
     labels = pd.DataFrame({"study_id": study_ids, **{c: "Normal/Mild" for c in LABEL_COLUMNS}})
     ds = WholeStudyDataset(
@@ -90,7 +90,7 @@ def test_augmented_items_replay_per_epoch(store, study_ids, augment_kwargs) -> N
         study_ids,
         normaliser,
         labels,
-        transform=training_transforms(**augment_kwargs),
+        transform=training_transforms(augment),
         seed=0,
     )
     ds.set_epoch(1)

@@ -43,6 +43,14 @@ def test_tiny_demo_leaves_every_artefact_and_the_table(tmp_path, capsys) -> None
     assert f"model        {model:.4f}" in table
     assert f"oracle       {oracle:.4f}" in table
     assert "class prior" in table and "of the prior->oracle gap closed" in table
+    # It ends pointing at the report whose gallery links every study's page.
+    gallery = out / "run" / "evaluation"
+    assert str(gallery / "report.html") in table and "lsdc show" in table
+    pages = list((gallery / "studies").glob("*.html"))
+    oof_studies = pd.read_csv(out / "run" / "oof.csv")["row_id"].str.split("_").str[0].nunique()
+    assert len(pages) == oof_studies and all(
+        f'href="studies/{p.name}"' in (gallery / "report.html").read_text() for p in pages
+    )
 
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path) -> None:

@@ -13,10 +13,12 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
 from scipy.special import softmax
 
 from lsdc.cli import main
+from lsdc.config import TrainConfig
 from lsdc.contract import LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
 from lsdc.errors import UserError
 from lsdc.evaluation.calibration import temperature_scale
@@ -80,7 +82,8 @@ def root(tmp_path):
 def make_run(path, prior_row=(0.7, 0.2, 0.1), scale=None):
     """A run folder as lsdc train leaves it, as far as predict reads it."""
     (path / "fold0").mkdir(parents=True)
-    (path / "fold0" / "best.pt").write_bytes(b"")
+    stub = {"model": {}, "config": TrainConfig().to_dict(), "task_state": {}}
+    torch.save(stub, path / "fold0" / "best.pt")  # readable: predict checks every fold first
     prior = pd.DataFrame([prior_row] * len(LABEL_COLUMNS), columns=list(PRED_COLUMNS))
     prior.insert(0, "label_column", list(LABEL_COLUMNS))
     prior.to_csv(path / "class_prior.csv", index=False)
@@ -227,8 +230,11 @@ def test_bad_run_is_refused_before_anything_is_written(root, tmp_path) -> None:
 
 
 def test_cli_writes_submission_and_kept_cache(root, tmp_path, monkeypatch, capsys) -> None:
+    from lsdc.inference.runs import check_folds
+
     module = types.ModuleType("lsdc.inference.runs")
     module.predict_run = fake_predict_run
+    module.check_folds = check_folds
     monkeypatch.setitem(sys.modules, "lsdc.inference.runs", module)
     run = make_run(tmp_path / "run")
     out = tmp_path / "sub.csv"
@@ -250,7 +256,9 @@ def test_cli_writes_submission_and_kept_cache(root, tmp_path, monkeypatch, capsy
     assert code == 0
     assert len(pd.read_csv(out)) == 5 * 25
     assert (cache / "index.csv").is_file()
-    assert "1 model, 2 model_partial, 2 prior" in capsys.readouterr().out
+    out_lines = capsys.readouterr().out.strip().splitlines()
+    assert "1 model, 2 model_partial, 2 prior" in out_lines[0]
+    assert out_lines[-1].startswith("2 of 5 studies got the class prior; report: ")
 
 
 # ----------------------------------------------- flip TTA with a real run (conftest.py: tiny_run)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import COMPETITION_SYNTH
 
 from lsdc.cli import main
 from lsdc.contract import (
@@ -31,6 +32,7 @@ from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
 from lsdc.synth import ANSWER_FILES, REALISM_RATES, SynthConfig, phantom, synthesize
 from lsdc.synth import labels as synth_labels
+from lsdc.synth.generator import COMPETITION_MATRICES, COMPETITION_PIXEL_MM, _plan_series
 
 COMPETITION_FILES = {
     "train.csv",
@@ -55,13 +57,31 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthesize(tmp_path_factory.mktemp("small") / "root", SMALL, progress=False)
 
 
+@pytest.fixture(params=["default", "competition"])
+def contract_root(request: pytest.FixtureRequest) -> tuple[Path, SynthConfig]:
+    """A root of each size profile, with the config that wrote it: both must pass every
+    data-contract check."""
+    if request.param == "default":
+        return request.getfixturevalue("small_root"), SMALL
+    return request.getfixturevalue("competition_root"), SynthConfig(**COMPETITION_SYNTH)
+
+
 @pytest.fixture(scope="module")
-def geometry_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def default_geometry_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Big enough pixels (48 px) to see the anatomy; realism on (oblique planes, varied matrices)."""
     config = SynthConfig(
         train_studies=4, test_studies=0, seed=5, image_size=48, slices=10, oblique_rate=1.0
     )
     return synthesize(tmp_path_factory.mktemp("geometry") / "root", config, progress=False)
+
+
+@pytest.fixture(params=["default", "competition"])
+def geometry_root(request: pytest.FixtureRequest) -> Path:
+    """Each size profile's root: the coordinates must point at the anatomy in both (the
+    competition profile's thick, interpolated slices included)."""
+    return request.getfixturevalue(
+        "default_geometry_root" if request.param == "default" else "competition_root"
+    )
 
 
 def _read_series(folder: Path) -> list[pydicom.Dataset]:
@@ -88,18 +108,20 @@ def test_other_seed_gives_other_data(small_root: Path, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- layout and CSVs
-def test_root_holds_the_competition_files_and_the_answer_only(small_root: Path) -> None:
-    assert {p.name for p in small_root.iterdir()} == COMPETITION_FILES | set(ANSWER_FILES)
+def test_root_holds_the_competition_files_and_the_answer_only(contract_root) -> None:
+    root, _ = contract_root
+    assert {p.name for p in root.iterdir()} == COMPETITION_FILES | set(ANSWER_FILES)
 
 
-def test_every_csv_reads_through_the_contract_loaders(small_root: Path) -> None:
+def test_every_csv_reads_through_the_contract_loaders(contract_root) -> None:
+    small_root, config = contract_root
     labels = load_train_labels(small_root / "train.csv")
-    assert len(labels) == SMALL.train_studies
+    assert len(labels) == config.train_studies
     coordinates = load_label_coordinates(small_root / "train_label_coordinates.csv")
     assert set(coordinates["study_id"]) <= set(labels["study_id"])
     sample = load_sample_submission(small_root / "sample_submission.csv")
     test_series = load_series_descriptions(small_root / "test_series_descriptions.csv")
-    assert len(sample) == 25 * SMALL.test_studies
+    assert len(sample) == 25 * config.test_studies
     assert set(test_series["study_id"]) == {int(r.split("_")[0]) for r in sample["row_id"]}
     assert np.allclose(sample[list(PRED_COLUMNS)].to_numpy(), 1 / 3)
     solution = load_solution(small_root / "solution_test.csv")
@@ -109,10 +131,11 @@ def test_every_csv_reads_through_the_contract_loaders(small_root: Path) -> None:
         assert list(oracle.columns) == ["row_id", *PRED_COLUMNS]
         assert np.allclose(oracle[list(PRED_COLUMNS)].sum(axis=1), 1.0)
     oracle_ids = pd.read_csv(small_root / "oracle_train.csv")["row_id"]
-    assert len(oracle_ids) == 25 * SMALL.train_studies
+    assert len(oracle_ids) == 25 * config.train_studies
 
 
-def test_series_csv_matches_the_image_folders(small_root: Path) -> None:
+def test_series_csv_matches_the_image_folders(contract_root) -> None:
+    small_root, _ = contract_root
     for split in ("train", "test"):
         table = load_series_descriptions(small_root / f"{split}_series_descriptions.csv")
         listed = {
@@ -127,7 +150,8 @@ def test_series_csv_matches_the_image_folders(small_root: Path) -> None:
         )
 
 
-def test_ids_look_like_the_real_ones(small_root: Path) -> None:
+def test_ids_look_like_the_real_ones(contract_root) -> None:
+    small_root, _ = contract_root
     table = pd.concat(
         load_series_descriptions(small_root / f"{s}_series_descriptions.csv")
         for s in ("train", "test")
@@ -138,7 +162,8 @@ def test_ids_look_like_the_real_ones(small_root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ DICOM
-def test_dicom_files_are_valid_mr_with_the_geometry_tags(small_root: Path) -> None:
+def test_dicom_files_are_valid_mr_with_the_geometry_tags(contract_root) -> None:
+    small_root, _ = contract_root
     table = load_series_descriptions(small_root / "train_series_descriptions.csv")
     for study_id, series_id, description in table.itertuples(index=False):
         files = sorted((small_root / "train_images" / str(study_id) / str(series_id)).glob("*.dcm"))
@@ -342,7 +367,103 @@ def test_coordinates_point_at_visible_findings(geometry_root: Path) -> None:
         value = pixels[int(round(row.y)), int(round(row.x))]
         assert value > np.percentile(pixels, 75), rid
         checked += 1
-    assert checked >= 20
+    assert checked >= 5 * len(load_train_labels(geometry_root / "train.csv"))
+
+
+# ---------------------------------------------------------------------------------- size profiles
+COMMITTED_SWITCHES = (
+    "missing_series_rate", "two_axial_series_rate", "multi_stack_axial_rate", "instance_gap_rate",
+    "unordered_instances_rate", "oblique_rate", "matrix_variation_rate", "missing_spacing_rate",
+    "unlabelled_rate",
+)  # fmt: skip
+"""The realism switches the generator had when the pinned digest below was taken."""
+
+
+def test_default_profile_writes_the_bytes_it_wrote_before_profiles_existed(tmp_path: Path) -> None:
+    """The demo's data did not move when the competition profile came: this digest is the
+    generator's output before it (realism switches added since are set to 0, their own tests
+    cover them)."""
+    newer = {name: 0.0 for name in REALISM_RATES if name not in COMMITTED_SWITCHES}
+    config = SynthConfig(
+        train_studies=3, test_studies=1, seed=4, image_size=24, slices=6,
+        two_axial_series_rate=0.3, multi_stack_axial_rate=0.3, matrix_variation_rate=0.5,
+        missing_series_rate=0.2, **newer,
+    )  # fmt: skip
+    digest = hashlib.sha256()
+    for name, file_hash in _tree_hashes(synthesize(tmp_path / "pin", config, False)).items():
+        digest.update(f"{name} {file_hash}\n".encode())
+    assert digest.hexdigest() == (
+        "3f8155030482b9be3d43a7a64a03176dfa38ab66c2722083d9515b30ce01fc54"
+    )  # commit 5047459's generator (before --profile), same config
+
+
+def test_competition_profile_draws_the_real_sets_sizes() -> None:
+    """Over 300 planned studies (nothing rendered): matrices 320-1024, most <= 512; pixel
+    spacing 0.3-0.9 mm; sagittal series of 15-22 slices 3-4.5 mm apart; Axial T2 in one to three
+    stacks of 15-60 slices, about half of the split ones tilted to their discs; about 75 files
+    and 18-25 MB a study, as in the real training set."""
+    config = SynthConfig(profile="competition")
+    plans = []
+    for i in range(300):
+        rng = np.random.default_rng([0, i])
+        anatomy = phantom.draw_anatomy(rng, np.full(25, 0.2))
+        plans.append(_plan_series(rng, config, anatomy, np.arange(10**6, 10**6 + 5)))
+    stacks = [(s.description, st) for plan in plans for s in plan for st in s.stacks]
+    matrices = np.array([st.rows for _, st in stacks])
+    assert set(matrices) <= set(COMPETITION_MATRICES["sagittal"])
+    assert np.mean(matrices <= 512) > 0.9 and (matrices >= 768).sum() > 5
+    spacing = np.array([st.pixel_spacing for _, st in stacks])
+    low, high = COMPETITION_PIXEL_MM
+    assert spacing.min() >= low - 1e-6 and spacing.max() <= high + 1e-6
+    sagittal = [st for d, st in stacks if d.startswith("Sagittal")]
+    assert {len(st.positions) for st in sagittal} == set(range(15, 23))
+    steps = np.array([np.abs(np.diff(st.positions @ st.normal)).mean() for st in sagittal])
+    assert steps.min() >= 3.0 - 1e-3 and steps.max() <= 4.5 + 1e-3
+    axial = [[st for s in plan if s.description == "Axial T2" for st in s.stacks] for plan in plans]
+    assert {len(a) for a in axial if a} == {1, 2, 3}
+    slices = np.array([len(st.positions) for a in axial for st in a])
+    assert slices.min() >= 15 and slices.max() <= 60
+    tilted = [abs(st.normal[2]) < np.cos(np.deg2rad(3.0)) for a in axial if len(a) > 1 for st in a]
+    assert 0.3 < np.mean(tilted) < 0.8
+    for _, st in stacks:
+        assert st.slice_thickness <= np.abs(np.diff(st.positions @ st.normal)).mean() + 1e-3
+    files = [sum(len(st.positions) for s in plan for st in s.stacks) for plan in plans]
+    megabytes = [
+        sum(len(st.positions) * st.rows * st.columns * 2 for s in plan for st in s.stacks) / 2**20
+        for plan in plans
+    ]
+    assert 70 < np.mean(files) < 82 and 17 < np.median(megabytes) < 25, (files, megabytes)
+
+
+def test_competition_profile_refuses_the_default_profiles_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(UserError, match="--image-size: the competition profile draws its own"):
+        SynthConfig(profile="competition", image_size=256).validate()
+    with pytest.raises(UserError, match="--profile must be one of"):
+        SynthConfig(profile="real").validate()
+    argv = ["synth", "--out", str(tmp_path / "r"), "--profile", "competition", "--slices", "20"]
+    assert main(argv) == 2
+    assert "--slices: the competition profile" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_thick_slices_average_the_tissue_they_cut() -> None:
+    """A competition slice is as thick as its tag says: across the thecal sac's side wall
+    (along the slice normal, x), a 4 mm slice sees a ramp where a 0.7 mm one sees a step, and
+    the same signal on average."""
+    anatomy = phantom.draw_anatomy(np.random.default_rng(0), np.full(25, 0.1))
+    lower, upper = phantom.spine_region(anatomy)
+    layered = phantom.LayeredPhantom(anatomy, lower, upper)
+    table = phantom.tissue_signal(np.random.default_rng(1), anatomy)["T2"]
+    z = float(anatomy.disc_z[3] + anatomy.pitch / 2)  # mid-body: the sac is open
+    xs = anatomy.centre[0] + np.linspace(-20.0, 20.0, 401)
+    line = np.stack([xs, np.full_like(xs, anatomy.canal_y(z)), np.full_like(xs, z)], axis=1)
+    normal = np.array([1.0, 0.0, 0.0])
+    thin = layered.sample("T2", table, line, normal, 0.7)
+    thick = layered.sample("T2", table, line, normal, 4.0)
+    assert np.abs(np.diff(thick)).max() < 0.5 * np.abs(np.diff(thin)).max()
+    assert abs(thick.mean() - thin.mean()) < 0.05 * thin.mean()
 
 
 # ----------------------------------------------------------------------------------------- labels

@@ -79,16 +79,23 @@ def test_whole_study_task_refuses_task_params(tmp_path: Path) -> None:
         create_task(config, tmp_path, None)
 
 
-def test_every_shipped_config_loads_and_builds_its_model() -> None:
+def test_every_shipped_config_loads_and_builds_its_model(synth_root, synth_cache) -> None:
+    """two_stage.yaml, the GPU config, included (tests/test_full_size.py also steps it)."""
+    built = set()
     for path in sorted(SHIPPED_CONFIG_DIR.glob("*.yaml")):
-        if path.name.startswith("two_stage"):
-            continue
         config = load_config(path)
         if config.task == "whole_study":
             model = build_registered_model(
                 config, img_size=config.data.volume_size, n_series=3, n_meta=24
             )
             assert model.output_shape(1) == (1, 25, 3), path.name
+        else:
+            task = create_task(config, synth_cache, synth_root)
+            model = task.build_model(task.fit_state(np.array([])))
+            assert {name for name, _ in model.named_children()} == {"localizer", "grader"}
+        assert sum(p.numel() for p in model.parameters()) > 0, path.name
+        built.add(path.stem)
+    assert {"two_stage", "two_stage_demo", "base", "demo"} <= built
 
 
 # -------------------------------------------------------------------------------------- loss
@@ -328,3 +335,24 @@ def test_oof_matches_the_best_checkpoints(tiny_run: Path, synth_root: Path) -> N
         sol = labels_to_solution(labels[labels["study_id"].isin(ids)])
         assert official_score(sol, oof).score == pytest.approx(scores[k], rel=1e-6)
     assert math.isfinite(sum(scores))
+
+
+def test_ema_keeps_integer_buffers_exact() -> None:
+    """EMA averages weights, never indices: a level index 3 stays 3 after many updates."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from lsdc.training.engine import ema_update_fn
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("level", torch.tensor([0, 1, 2, 3, 4]))
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9), use_buffers=True)
+    start = model.weight.detach().clone()
+    expected = None
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+        current = start + step
+        expected = current if expected is None else 0.9 * expected + 0.1 * current
+    assert ema.module.level.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(ema.module.weight, expected)

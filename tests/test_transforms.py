@@ -78,8 +78,8 @@ def test_random_flip_respects_its_probability(prob: float, flipped: bool) -> Non
     assert torch.equal(out["target"], expected)
 
 
-def test_training_transforms_replay_from_a_seed_and_keep_shapes(augment_kwargs) -> None:
-    transform = training_transforms(**augment_kwargs)
+def test_training_transforms_replay_from_a_seed_and_keep_shapes(augment) -> None:
+    transform = training_transforms(augment)
     sample = _sample()
     sample["volumes"] = torch.randn(3, 8, 16, 16)
     seed_transform(transform, sample_seed(0, 0, 3))

@@ -20,6 +20,7 @@ from lsdc.contract import (
     load_label_coordinates,
 )
 from lsdc.datasets.crops import CropSpec, extract_crop, locate_in_stacks
+from lsdc.datasets.grids import series_grid
 from lsdc.datasets.levels import (
     IS_RIGHT,
     IS_SPINAL,
@@ -27,10 +28,8 @@ from lsdc.datasets.levels import (
     StackStore,
     TwoStageDataset,
     complete_points,
-    grid_to_voxel,
     label_points_mm,
     study_crops,
-    voxel_to_grid,
 )
 from lsdc.preprocessing.geometry import StackGeometry
 
@@ -40,7 +39,7 @@ TWO_STAGE_TINY = [
     "data.volume_size=[16,32,32]",
     "data.batch_size=2",
     "model.params={widths: [8, 8, 16, 16], layers: [1, 1, 1, 1]}",
-    "task_params.localizer={features: [4, 4, 8, 8, 8, 4]}",
+    "task_params.localizer.params={features: [4, 4, 8, 8, 8, 4]}",
     "task_params.crop_size=16",
     "task_params.crop_slices=3",
     "optim.epochs=1",
@@ -115,22 +114,25 @@ def test_sagittal_level_points_land_on_the_labelled_axial_slice(
 
 
 def test_grid_mapping_round_trips() -> None:
+    geometry = _axis_aligned((8, 40, 36), sagittal=False)
+    grid = series_grid([geometry], [(8, 40, 36)], (16, 32, 32))
     voxels = np.array([[0.0, 0.0, 0.0], [7.0, 39.0, 35.0], [3.2, 11.5, 20.25]])
-    on_grid = voxel_to_grid(voxels, (8, 40, 36), (16, 32, 32))
-    np.testing.assert_allclose(grid_to_voxel(on_grid, (8, 40, 36), (16, 32, 32)), voxels)
+    points = geometry.voxel_to_patient(voxels)
+    np.testing.assert_allclose(grid.to_patient(grid.to_grid(points)), points, atol=1e-9)
     # Pixel centres align as F.interpolate(align_corners=False) aligns them.
-    np.testing.assert_allclose(
-        voxel_to_grid([[0.0, 0.0, 0.0]], (8, 8, 8), (16, 16, 16)), [[0.5] * 3]
-    )
+    one = series_grid([geometry], [(8, 8, 8)], (16, 16, 16))
+    np.testing.assert_allclose(one.to_grid(geometry.voxel_to_patient([[0.0] * 3])), [[0.5] * 3])
 
 
-def test_complete_points_borrows_the_level_of_a_missing_label() -> None:
+def test_complete_points_never_borrows_another_findings_point() -> None:
+    """Without a point of its own at any level a finding stays unknown (no crop, label masked),
+    whatever the other findings of its level have; see tests/test_quirks.py for the rule."""
     points = np.full((25, 3), np.nan)
     points[label_index("left_neural_foraminal_narrowing", "l4_l5")] = [10.0, 0.0, 0.0]
     points[label_index("right_neural_foraminal_narrowing", "l4_l5")] = [-10.0, 2.0, 4.0]
     filled, present = complete_points(points)
-    np.testing.assert_allclose(filled[label_index("spinal_canal_stenosis", "l4_l5")], [0, 1, 2])
-    assert present.sum() == 5 and not present[label_index("spinal_canal_stenosis", "l1_l2")]
+    assert np.isnan(filled[label_index("spinal_canal_stenosis", "l4_l5")]).all()
+    assert present.sum() == 2
 
 
 def _axis_aligned(shape: tuple[int, int, int], sagittal: bool) -> StackGeometry:
@@ -253,6 +255,56 @@ def test_task_params_are_checked() -> None:
         TwoStageParams.from_config(load_config("two_stage_demo", ["task_params.jitter_mm=-1"]))
 
 
+def _constant_answer_errors(
+    store: StackStore, coordinates: pd.DataFrame, scored: set[int]
+) -> np.ndarray:
+    """Errors (mm) of a localizer that answers a constant: each label at its mean position over
+    the other studies, as a fraction of the labelled stack's extent (so where a study sits in
+    the patient frame does not count against it)."""
+    fractions, targets = {}, {}
+    for row in coordinates.itertuples():
+        key = (int(row.study_id), label_index(row.condition_key, row.level_key))
+        stack = store.load(store.series_stacks(key[0], int(row.series_id))[0])
+        extent = np.asarray(stack.array.shape, dtype=float) - 1
+        truth = label_points_mm(store, coordinates, key[0])[key[1]]
+        fractions[key] = stack.geometry.patient_to_voxel(truth[None])[0] / extent
+        targets[key] = (stack.geometry, extent, truth)
+    errors = []
+    for (study, j), (geometry, extent, truth) in targets.items():
+        if study not in scored:
+            continue
+        others = [f for (s, k), f in fractions.items() if k == j and s != study]
+        guess = geometry.voxel_to_patient((np.mean(others, axis=0) * extent)[None])[0]
+        errors.append(float(np.linalg.norm(guess - truth)))
+    return np.asarray(errors)
+
+
+def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
+    """Stage 1 out of fold, on studies it never saw, lands closer to the labelled centres than
+    a constant answer: it has learnt where the findings are, not a mean position."""
+    import lsdc
+    from lsdc.tasks.two_stage import localization_oof, summarize_localization
+
+    root, cache = _synth(tmp_path / "root", train_studies=24, test_studies=1, seed=0)
+    run = lsdc.train(
+        "two_stage_demo",
+        root,
+        cache,
+        tmp_path / "run",
+        [*TWO_STAGE_TINY, "optim.epochs=40", "optim.lr=0.01", "optim.warmup_epochs=1"]
+        + ["folds.fold=0"],
+        progress=False,
+    )
+    errors = localization_oof(run, cache, root)
+    coordinates = load_label_coordinates(root / "train_label_coordinates.csv")
+    scored = {int(s) for s in errors["study_id"].unique()}
+    validation = coordinates[coordinates["study_id"].isin(scored)]
+    constant = _constant_answer_errors(StackStore(cache), coordinates, scored)
+    model_median = summarize_localization(errors).set_index("group").loc["all", "median_mm"]
+    assert len(validation) > 0 and len(errors) == len(validation)
+    assert model_median < 0.75 * np.median(constant), (model_median, np.median(constant))
+
+
 def test_train_then_serve_through_the_engine(
     synth_root: Path, synth_cache: Path, synth_test_cache: Path, tmp_path: Path
 ) -> None:
@@ -276,7 +328,6 @@ def test_train_then_serve_through_the_engine(
     assert len(errors) >= 100 and np.isfinite(errors["error_mm"]).all()
     summary = summarize_localization(errors).set_index("group")
     assert set(summary.index) == {"spinal", "foraminal", "subarticular", "all"}
-    assert 0 <= summary.loc["all", "slice_exact"] <= summary.loc["all", "slice_within_1"] <= 1
 
 
 @pytest.mark.parametrize("context", [True, False])
@@ -284,7 +335,7 @@ def test_grader_context_lets_a_crop_see_its_level(context: bool) -> None:
     from lsdc.models.level_grader import level_grader
 
     torch.manual_seed(0)
-    grader = level_grader(widths=[4, 8, 8, 8], dropout=0.0, context=context).eval()
+    grader = level_grader(widths=[4, 8, 8, 8], head={"dropout": 0.0, "context": context}).eval()
     crops = torch.randn(1, N_LABELS, 3, 16, 16)
     changed = crops.clone()
     canal_l3 = label_index("spinal_canal_stenosis", "l3_l4")

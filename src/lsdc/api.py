@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from lsdc.config import TrainConfig
+    from lsdc.inference.export import ExportResult
     from lsdc.inference.predict import PredictResult
     from lsdc.synth.config import SynthConfig
 
@@ -32,7 +33,8 @@ def synthesize(
         config: what to write; default ``SynthConfig()``.
         workers: processes rendering studies (the bytes do not depend on it).
         progress: show a progress bar.
-        **fields: ``SynthConfig`` fields replaced over ``config`` (e.g. ``train_studies=20``).
+        **fields: ``SynthConfig`` fields replaced over ``config`` (e.g. ``train_studies=20``,
+            ``profile="competition"`` for the real data's sizes).
 
     Returns:
         The competition root.
@@ -87,13 +89,47 @@ def evaluate(
     solution: str | Path | None = None,
     run_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Score predictions against ``data_root/train.csv`` (out-of-fold rows) or a ``solution``
     file, write ``report.html`` and ``metrics.json`` to ``out_dir``; with ``run_dir``, also fit
-    the run's calibration. Returns the metrics written."""
+    the run's calibration, and with ``cache_dir`` too, add the study gallery. With ``tta``
+    (``none`` or ``flip``, as ``predict`` will serve), the run's out-of-fold predictions are
+    re-made by the serving code on ``cache_dir`` (the training cache) and calibrated instead of
+    ``RUN/oof.csv``. Returns the metrics written."""
     from lsdc.evaluation.report import evaluate_files
 
-    return evaluate_files(predictions, data_root, solution, run_dir, out_dir)
+    predict_fn = None
+    if tta is not None:
+        from lsdc.inference.runs import predict_run as predict_fn
+    return evaluate_files(
+        predictions, data_root, solution, run_dir, out_dir, cache_dir, tta, predict_fn
+    )
+
+
+def show(
+    data_root: str | Path,
+    cache_dir: str | Path,
+    run_dir: str | Path,
+    study_id: int,
+    out_path: str | Path | None = None,
+) -> Path:
+    """Draw one study as ``run_dir``'s model sees it (slices with the predicted and labelled
+    points, the 25 rows, the crops) into ``out_path`` (.html or .png; default
+    ``study_ID.html``); returns the path written."""
+    from lsdc.evaluation.viewer import show_study
+
+    return show_study(data_root, cache_dir, run_dir, study_id, out_path)
+
+
+def export(run_dirs: Sequence[str | Path], out_dir: str | Path, wheel: bool = True) -> ExportResult:
+    """Write a slim copy of trained runs for an offline notebook to ``out_dir``: each fold's
+    served weights, config, class prior and calibration, the lsdc wheel (unless ``wheel`` is
+    False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it."""
+    from lsdc.inference.export import export_runs
+
+    return export_runs(run_dirs, out_dir, wheel=wheel)
 
 
 def predict(
@@ -107,9 +143,12 @@ def predict(
     workers: int = 1,
     device: str | None = None,
     progress: bool = True,
+    allow_fallback: bool = False,
 ) -> PredictResult:
     """Write a submission for ``split`` from one or more runs, and ``predict_report.csv``
-    beside it; returns both as frames with their paths."""
+    beside it; returns both as frames with their paths. A fold that cannot load, folds of
+    different configs, a missing device, a bad worker count or an unusable cache are refused,
+    unless ``allow_fallback`` gives the studies concerned the class prior instead."""
     from lsdc.inference.predict import predict_split
 
     return predict_split(
@@ -123,7 +162,8 @@ def predict(
         workers=workers,
         device=device,
         progress=progress,
+        allow_fallback=allow_fallback,
     )
 
 
-__all__ = ["evaluate", "predict", "preprocess", "synthesize", "train"]
+__all__ = ["evaluate", "export", "predict", "preprocess", "show", "synthesize", "train"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lsdc import api
-from lsdc.contract import SPLITS
+from lsdc.contract import N_LABELS, SPLITS
 from lsdc.errors import UserError
 
 _OVERRIDES_HELP = (
@@ -57,10 +57,16 @@ def _run_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ synth
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    from lsdc.synth.config import REALISM_RATES, SynthConfig
+    from lsdc.synth.config import PROFILES, REALISM_RATES, SynthConfig
 
     defaults = SynthConfig()
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    p.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default=defaults.profile,
+        help="sizes: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()),
+    )
     p.add_argument("--train-studies", type=int, default=defaults.train_studies)
     p.add_argument("--test-studies", type=int, default=defaults.test_studies)
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -101,6 +107,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         slices=args.slices,
         axial_slices=args.axial_slices,
+        profile=args.profile,
         **{name: getattr(args, name) for name in REALISM_RATES},
     )
     if args.no_realism:
@@ -223,13 +230,68 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         help="folder for report.html and metrics.json (default: RUN/evaluation with --run, "
         "else an 'evaluation' folder beside the prediction file)",
     )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="the cache of the predicted studies (with --run): the report adds a gallery of the "
+        "studies with the largest loss and a few random ones, each linking to its full page "
+        "(OUT/studies/), and, for a two-stage run, the localisation error per level and side",
+    )
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="with --run, --data and --cache (the training cache): re-make the out-of-fold "
+        "predictions as lsdc predict --tta will serve them (each fold's model on its own "
+        "validation studies), save them as OUT/oof_served.csv, and fit the calibration on them "
+        "(default: RUN/oof.csv, made without TTA)",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from lsdc.evaluation.report import print_summary
 
-    metrics = api.evaluate(args.pred, args.data, args.solution, args.run, args.out)
+    metrics = api.evaluate(
+        args.pred, args.data, args.solution, args.run, args.out, args.cache, args.tta
+    )
     print_summary(metrics)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- show
+def _add_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="ROOT",
+        help="competition root: train.csv and train_label_coordinates.csv give a training "
+        "study's truth and labelled points; {split}_series_descriptions.csv names missing series",
+    )
+    p.add_argument(
+        "--cache",
+        required=True,
+        type=Path,
+        help="cache holding the study (lsdc preprocess; lsdc predict --cache keeps the test one)",
+    )
+    p.add_argument(
+        "--run",
+        required=True,
+        type=Path,
+        help="run folder whose model predicts the study (its validation fold's model, else "
+        "every fold's mean), with points and crops for a two-stage run",
+    )
+    p.add_argument("--study", required=True, type=int, help="the study_id to show")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="FILE.html (a self-contained page) or FILE.png (one picture); default "
+        "study_ID.html in the current folder",
+    )
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    out = api.show(args.data, args.cache, args.run, args.study, args.out)
+    print(f"study {args.study}: {out}")
     return 0
 
 
@@ -275,7 +337,18 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         help="keep the preprocessed cache in this folder (default: a temporary folder, removed)",
     )
     p.add_argument("--workers", type=int, default=1, help="preprocessing processes")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        help="torch device: cpu, cuda, cuda:1 or auto (default: cuda if available); a device "
+        "this machine lacks is an error",
+    )
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="where a fold cannot load, the run's folds differ in config, the device does not "
+        "exist, --workers is invalid or --cache is unusable, write the class prior for the "
+        "studies concerned (counted on the last line) instead of stopping with an error",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -291,14 +364,43 @@ def _run_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.quiet,
+        allow_fallback=args.allow_fallback,
     )
     counts = result.report["source"].value_counts()
     summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("model", "model_partial", "prior"))
+    n_studies = len(result.submission) // N_LABELS
+    unlisted = counts.get("not_listed", 0)
     print(
-        f"{result.submission_path}: {len(result.submission)} rows, "
-        f"{len(result.report)} studies ({summary})"
+        f"{result.submission_path}: {len(result.submission)} rows, {n_studies} studies ({summary})"
+        + (f"; {unlisted} study folder(s) in neither CSV, not predicted" if unlisted else "")
     )
-    print(f"report: {result.report_path}")
+    print(
+        f"{result.n_prior} of {n_studies} studies got the class prior; report: {result.report_path}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- export
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", required=True, nargs="+", type=Path, help="one or more finished run folders"
+    )
+    p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    p.add_argument(
+        "--no-wheel",
+        action="store_true",
+        help="leave out the lsdc wheel (otherwise built from lsdc's source with pip, offline)",
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    result = api.export(args.run, args.out, wheel=not args.no_wheel)
+    mb = 2**20
+    print(
+        f"lsdc export: {len(result.runs)} run(s) to {result.out_dir}: "
+        f"{result.export_bytes / mb:.1f} MB (the run folders: {result.runs_bytes / mb:.1f} MB)"
+    )
+    print(f"offline install and predict: {result.out_dir / 'README.md'}")
     return 0
 
 
@@ -363,10 +465,20 @@ VERBS: dict[str, Verb] = {
         _add_evaluate,
         _run_evaluate,
     ),
+    "show": (
+        "one study as the model sees it: slices with its points, crops, the 25 rows (HTML/PNG)",
+        _add_show,
+        _run_show,
+    ),
     "predict": (
         "write submission.csv for a split from one or more runs (offline)",
         _add_predict,
         _run_predict,
+    ),
+    "export": (
+        "slim copy of trained runs + the lsdc wheel, for an offline notebook",
+        _add_export,
+        _run_export,
     ),
     "score": (
         "official competition score of a submission against a solution",
@@ -416,6 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(VERBS[args.verb][2](args) or 0)
     except UserError as exc:
         print(f"lsdc {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the system refused (read-only, full disk): one line too
+        if exc.filename is None:
+            raise
+        print(f"lsdc {args.verb}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lsdc {args.verb}: interrupted", file=sys.stderr)

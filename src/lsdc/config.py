@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,30 @@ source checkout, an editable install or an installed wheel."""
 
 class ConfigError(UserError):
     """A config file or override that cannot be used; the message names the key and the file."""
+
+
+RESUMABLE_KEYS: frozenset[str] = frozenset(
+    {"optim.epochs", "optim.patience", "data.num_workers", "data.cache_in_memory"}
+)
+"""Keys a run may change on ``--resume`` or for a new fold: how long to train, and how the data
+are loaded (loader processes, RAM cache). Any other difference from the run's stored config is
+refused."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats: ``1e-4`` and ``3e-4`` (no dot) are numbers,
+    not the strings YAML 1.1 makes of them."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -67,6 +92,12 @@ class ModelConfig:
 
     name: str = "resnet3d"
     params: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    """A local file of initial weights loaded when the model is built for training (see
+    :mod:`lsdc.models.weights`); null trains from random initialisation. Nothing is downloaded."""
+    weights_module: str = ""
+    """The submodule of the model the weights file belongs to (e.g. ``encoder.net``); empty:
+    the whole model."""
 
 
 @dataclass
@@ -157,7 +188,7 @@ def shipped_configs() -> list[str]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if data is None:
@@ -176,12 +207,20 @@ def _merge(
     source: Path,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """Deep-merge ``top`` over ``base``, remembering in ``origin`` which file set each key."""
+    """Deep-merge ``top`` over ``base``, remembering in ``origin`` which file set each key.
+
+    A network's ``params`` belong to its ``name``: where ``top`` names another network (``model``,
+    ``task_params.localizer``), the ``params`` of the one it replaces are dropped, not merged,
+    so ``model.name=vit`` over a config built for another model gets vit at its defaults.
+    """
     out = dict(base)
     for key, value in top.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, origin, source, f"{dotted}.")
+            below = out[key]
+            if "name" in value and "params" in below and value["name"] != below.get("name"):
+                below = {k: v for k, v in below.items() if k != "params"}
+            out[key] = _merge(below, value, origin, source, f"{dotted}.")
         else:
             out[key] = value
             origin[dotted] = source
@@ -208,7 +247,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.001)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
     return key.strip(), value
@@ -327,10 +366,44 @@ def validate_config(config: TrainConfig) -> None:
         ),
         (config.data.batch_size >= 1, "data.batch_size", "must be at least 1"),
         (all(s >= 1 for s in config.data.volume_size), "data.volume_size", "must be positive"),
+        (
+            config.model.weights is not None or not config.model.weights_module,
+            "model.weights_module",
+            "needs model.weights (the file whose tensors it places)",
+        ),
     ]
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} {problem}")
+
+
+def config_differences(
+    old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """The dotted keys whose values differ between two configs (:meth:`TrainConfig.to_dict`
+    dicts), sorted, leaving out ``ignore``: e.g. ``['model.params.hidden', 'optim.lr']``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = config_differences(a, b)
+            out.extend(f"{key}.{k}" for k in inner if f"{key}.{k}" not in ignore)
+        elif a != b and key not in ignore:
+            out.append(key)
+    return out
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """A stored config (``RUN/config.yaml``) as the plain dict :meth:`TrainConfig.to_dict` gives.
+
+    Raises:
+        ConfigError: the file is unreadable or not a config.
+    """
+    path = Path(path)
+    try:
+        return config_from_dict(_read_yaml(path)).to_dict()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the run's config ({exc.strerror})") from exc
 
 
 def write_config(config: TrainConfig, path: str | Path) -> Path:

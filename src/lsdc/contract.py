@@ -213,6 +213,17 @@ def labels_to_indices(labels: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def class_prior(labels: pd.DataFrame) -> pd.DataFrame:
+    """Class frequencies per label column (the fallback prediction), add-one smoothed so that
+    no class gets probability zero."""
+    idx = labels_to_indices(labels)
+    counts = np.stack([(idx == k).sum(axis=0) for k in range(len(PRED_COLUMNS))], axis=1) + 1.0
+    prior = counts / counts.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(prior, columns=list(PRED_COLUMNS))
+    frame.insert(0, "label_column", list(LABEL_COLUMNS))
+    return frame
+
+
 def labels_to_long(labels: pd.DataFrame) -> pd.DataFrame:
     """Wide labels -> one row per labelled (study, condition, level): row_id, study_id, condition,
     level, severity (string) and target (class index). Unlabelled entries are dropped."""
@@ -312,35 +323,58 @@ def load_series_descriptions(path: str | Path) -> pd.DataFrame:
     return df[["study_id", "series_id", "series_description"]].reset_index(drop=True)
 
 
-def load_sample_submission(path: str | Path) -> pd.DataFrame:
-    """Read sample_submission.csv (row_id + the three probability columns), checking every row_id."""
-    path = Path(path)
-    df = _read_csv(path, ["row_id", *PRED_COLUMNS])
+def _check_row_ids(df: pd.DataFrame, path: Path) -> None:
     for i, rid in enumerate(df["row_id"]):
         try:
             parse_row_id(rid)
         except ValueError as exc:
             raise DataContractError(f"{path}: row {_file_row(i)}: {exc}") from exc
+
+
+def load_sample_submission(path: str | Path) -> pd.DataFrame:
+    """Read sample_submission.csv (row_id + the three probability columns), checking every row_id."""
+    path = Path(path)
+    df = _read_csv(path, ["row_id", *PRED_COLUMNS])
+    _check_row_ids(df, path)
     _check_unique(df, ["row_id"], path, "row_id")
     return df
 
 
 def load_submission(path: str | Path) -> pd.DataFrame:
-    """Read a submission (row_id + the three probability columns) without judging its values:
-    :func:`lsdc.evaluation.metric.validate_submission` says what the competition would refuse."""
-    return _read_csv(path, ["row_id", *PRED_COLUMNS])
+    """Read a submission (row_id + the three probability columns), checking that every row_id is
+    one, without judging its values: :func:`lsdc.evaluation.metric.validate_submission` says
+    what the competition would refuse.
+
+    Raises:
+        DataContractError: missing column or a malformed row_id (naming file and row).
+    """
+    path = Path(path)
+    df = _read_csv(path, ["row_id", *PRED_COLUMNS])
+    _check_row_ids(df, path)
+    return df
 
 
 def load_solution(path: str | Path) -> pd.DataFrame:
-    """Read a solution file (row_id, normal_mild, moderate, severe, sample_weight; one-hot labels)."""
+    """Read a solution file (row_id, normal_mild, moderate, severe, sample_weight; one-hot labels).
+
+    Raises:
+        DataContractError: missing column, duplicate or malformed row_id, labels not one-hot,
+            or a sample_weight that is not a finite number >= 0 (a NaN weight would drop its
+            row from the score without a word).
+    """
     path = Path(path)
     df = _read_csv(path, ["row_id", *PRED_COLUMNS, "sample_weight"])
     _check_unique(df, ["row_id"], path, "row_id")
-    for i, rid in enumerate(df["row_id"]):
-        try:
-            parse_row_id(rid)
-        except ValueError as exc:
-            raise DataContractError(f"{path}: row {_file_row(i)}: {exc}") from exc
+    _check_row_ids(df, path)
+    weight = pd.to_numeric(df["sample_weight"], errors="coerce").to_numpy(np.float64)
+    bad_weight = ~np.isfinite(weight) | (weight < 0)
+    if bad_weight.any():
+        i = int(np.flatnonzero(bad_weight)[0])
+        raise DataContractError(
+            f"{path}: row {_file_row(i)}: sample_weight must be a finite number >= 0, "
+            f"got {df['sample_weight'].iloc[i]}"
+        )
+    df["sample_weight"] = weight
     onehot = df[list(PRED_COLUMNS)].to_numpy(dtype=float)
     ok = np.isclose(onehot.sum(axis=1), 1.0) & np.isin(onehot, (0.0, 1.0)).all(axis=1)
     if not ok.all():

@@ -2,7 +2,8 @@
 
 synth (small) -> preprocess -> train (``configs/two_stage_demo.yaml``, the two-stage model:
 localise the findings, grade a crop around each) -> evaluate the out-of-fold
-predictions (and fit the calibration) -> predict the synthetic test split -> evaluate the
+predictions (fit the calibration; ``run/evaluation/report.html`` shows a gallery of the worst
+studies with their points and crops) -> predict the synthetic test split -> evaluate the
 submission, ending with one table: the official test score of the class prior, of the model and of
 the oracle (the synthetic generator's true class probabilities, the best any model can do).
 Every stage prints when it starts, how long it took and where its artefacts are.
@@ -92,7 +93,7 @@ def run_demo(
         UserError: ``out_dir`` exists and is not a previous demo folder (nothing is deleted then).
     """
     from lsdc import api
-    from lsdc.evaluation.report import print_summary
+    from lsdc.evaluation.report import REPORT_FILE, print_summary
     from lsdc.inference.predict import prior_submission
 
     out = Path(out_dir)
@@ -122,7 +123,7 @@ def run_demo(
         artefact("out-of-fold predictions", RunDir(run).oof)
 
     with _stage("evaluate: out-of-fold predictions; fit the calibration", clock):
-        metrics = api.evaluate(run_dir=run, data_root=data)
+        metrics = api.evaluate(run_dir=run, data_root=data, cache_dir=cache / "train")
         print_summary(metrics)
 
     with _stage("predict: the synthetic test split, as on Kaggle", clock) as artefact:
@@ -146,6 +147,12 @@ def run_demo(
     }
     demo = DemoResult(**scores, seconds=time.perf_counter() - clock)
     print_table(demo)
+    gallery = Path(metrics["out_dir"]) / REPORT_FILE
+    print(f"\nwhere the model looked, worst studies first: {gallery}")
+    print(
+        f"any study: lsdc show --data {data} --cache {cache / 'test'} --run {run} --study "
+        f"{study_ids[0]} --out study.html"
+    )
     return demo
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lsdc.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -21,6 +23,9 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
+    joined: bool = False
+    """A process group was joined (torchrun), even of one process: the model is wrapped in DDP
+    and batches are sharded, so ``torchrun --nproc_per_node 1`` runs the DDP/NCCL path."""
 
     @property
     def is_primary(self) -> bool:
@@ -29,25 +34,55 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.joined
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The torch device ``name`` asks for (None or ``auto``: CUDA when available, else CPU).
+
+    Raises:
+        UserError: not a device name, or a CUDA device this machine does not have (a run that
+            silently fell back to the CPU, or to nothing, would hide it).
+    """
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: no CUDA device on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: lsdc runs on cpu or cuda")
+    return device
 
 
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA).
 
+    torchrun sets ``MASTER_ADDR`` and ``WORLD_SIZE`` for every worker; the group is joined then
+    even for one process, so a one-GPU machine can check the NCCL/DDP path.
+
     Args:
         device: ``cpu``, ``cuda`` or None (CUDA when available).
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    launched = world_size > 1 or {"MASTER_ADDR", "WORLD_SIZE"} <= os.environ.keys()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        return DistContext(rank, world_size, torch.device("cuda", local_rank))
-    return DistContext(rank, world_size, torch.device("cpu"))
+    if launched and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    joined = dist.is_initialized()
+    if use_cuda:
+        return DistContext(rank, world_size, torch.device("cuda", local_rank), joined)
+    return DistContext(rank, world_size, torch.device("cpu"), joined)
 
 
 def shutdown_distributed() -> None:

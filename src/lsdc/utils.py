@@ -1,14 +1,20 @@
-"""Small helpers shared by every stage: atomic file writes and JSON."""
+"""Small helpers shared by every stage: atomic file writes, JSON, output-path checks and worker
+processes that die with their parent."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lsdc.errors import UserError
 
 
 @contextlib.contextmanager
@@ -65,3 +71,62 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output file path that cannot be written: an existing folder,
+    or a parent that is a file or not writable (one line naming ``flag`` and the path).
+
+    Raises:
+        UserError: the problem, naming the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: {flag} is a folder; give the path of a file")
+    _check_writable_ancestor(path.parent, flag, path)
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be written: an existing file, or a
+    folder (or its nearest existing parent) that is not writable.
+
+    Raises:
+        UserError: the problem, naming the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {flag} is a file, not a folder")
+    _check_writable_ancestor(path, flag, path)
+    return path
+
+
+def _check_writable_ancestor(folder: Path, flag: str, target: Path) -> None:
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{target}: {flag} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{target}: {flag} cannot be written: {existing} is read-only")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def init_worker(parent_pid: int) -> None:
+    """Initializer of every worker process lsdc starts: the worker dies with its parent.
+
+    On Linux the kernel sends SIGKILL to the worker when the parent dies, however it dies
+    (``kill -9`` included), so no orphan goes on writing into a cache; a parent already gone
+    when the worker starts ends it at once. Ctrl-C is left to the parent, which cancels the work
+    not started and waits for the running tasks.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent_pid:
+        os._exit(1)

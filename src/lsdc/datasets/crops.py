@@ -98,10 +98,34 @@ def extract_crop(
     """
     points = crop_points(geometry, center_mm, spec, mirror=mirror, rotation_deg=rotation_deg)
     voxels = geometry.patient_to_voxel(points.reshape(-1, 3))
-    values = map_coordinates(
-        np.asarray(array, dtype=np.float32), voxels.T, order=1, mode="constant", cval=0.0
-    )
+    coordinates = np.ascontiguousarray(voxels.T)
+    block, corner = _covering_block(array, coordinates)
+    coordinates -= corner[:, None]
+    values = map_coordinates(block, coordinates, order=1, mode="constant", cval=0.0)
     return values.reshape(spec.n_slices, spec.size, spec.size).astype(np.float32, copy=False)
+
+
+def _covering_block(array: np.ndarray, coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The part of ``array`` that linear interpolation at ``coordinates`` (3, N) reads, as
+    float32, and its corner index: a crop reads (and pages in, from a memory map) only its own
+    neighbourhood, not the whole stack.
+
+    The block reaches one voxel beyond the samples on every side and stops at the array's own
+    edges, so sampling it gives exactly what sampling the whole array gives (``mode="constant"``
+    treats the array's edges, and only those, as edges). Samples that all lie beyond one edge
+    read 0, as they would from the whole array.
+    """
+    shape = np.asarray(array.shape)
+    low, high = coordinates.min(axis=1), coordinates.max(axis=1)
+    nothing = np.zeros((1, 1, 1), dtype=np.float32), np.zeros(3)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        return nothing
+    lo = np.clip(np.floor(low).astype(np.int64) - 1, 0, shape)
+    hi = np.clip(np.floor(high).astype(np.int64) + 3, 0, shape)
+    if np.any(hi <= lo):
+        return nothing
+    block = array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    return np.asarray(block, dtype=np.float32), lo.astype(np.float64)
 
 
 def locate_in_stacks(

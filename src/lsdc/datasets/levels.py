@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lsdc.contract import (
@@ -33,7 +32,22 @@ from lsdc.contract import (
     label_index,
 )
 from lsdc.datasets.crops import CropSpec, extract_crop, locate_in_stacks
-from lsdc.preprocessing.cache import CachedStack, best_stacks, load_stack, read_cache_index
+from lsdc.datasets.grids import (
+    SeriesGrid,
+    StackKey,
+    sample_series,
+    series_grid,
+    stacks_by_description,
+)
+from lsdc.preprocessing.cache import (
+    CachedStack,
+    load_stack,
+    read_cache_index,
+    read_derived,
+    series_grid_path,
+    stack_fingerprint,
+    write_derived,
+)
 
 LOCALIZER_SERIES: tuple[str, ...] = SERIES_DESCRIPTIONS
 """The localizer's input slots, one volume per series description."""
@@ -50,9 +64,6 @@ IS_RIGHT: np.ndarray = np.array([c.startswith("right_") for c in CONDITIONS for 
 IS_SPINAL: np.ndarray = np.array([c == "spinal_canal_stenosis" for c in CONDITIONS for _ in LEVELS])
 """Label columns of the (left-right symmetric) canal, which flip augmentation may mirror."""
 
-StackKey = tuple[int, int, int]
-"""(study_id, series_id, stack) of one cached stack."""
-
 
 class StackStore:
     """The cached stacks of one split, opened on demand and kept once opened.
@@ -67,23 +78,17 @@ class StackStore:
         self.cache_dir = Path(cache_dir)
         index = read_cache_index(self.cache_dir)
         self.index = index[index["status"] != "error"].reset_index(drop=True)
-        self.best = {
-            (int(r.study_id), str(r.series_description)): (
-                int(r.study_id),
-                int(r.series_id),
-                int(r.stack),
-            )
-            for r in best_stacks(self.index).itertuples()
-        }
+        # Lookups by dictionary: a study's stacks are asked for 25 times per item.
+        self._by_description = stacks_by_description(self.index)
+        # (study_id, description) -> the best_stacks choice: the reference of its grid
+        self.best = {key: stacks[0] for key, stacks in self._by_description.items()}
         self.in_memory = in_memory
         self._stacks: dict[StackKey, CachedStack] = {}
         self._stats: dict[StackKey, tuple[float, float]] = {}
-        # Lookups by dictionary: a study's stacks are asked for 25 times per item.
-        self._by_description: dict[tuple[int, str], list[StackKey]] = {}
+        self._grids: dict[tuple[int, str, tuple[int, ...]], SeriesGrid] = {}
         self._by_series: dict[tuple[int, int], list[StackKey]] = {}
         for r in self.index.itertuples():
             key = (int(r.study_id), int(r.series_id), int(r.stack))
-            self._by_description.setdefault((key[0], str(r.series_description)), []).append(key)
             self._by_series.setdefault((key[0], key[1]), []).append(key)
 
     def study_ids(self) -> np.ndarray:
@@ -91,7 +96,8 @@ class StackStore:
         return np.unique(self.index["study_id"].to_numpy(np.int64))
 
     def stacks(self, study_id: int, description: str) -> list[StackKey]:
-        """Every stack of every series of ``description`` in the study (e.g. all axial stacks)."""
+        """Every stack of every series of ``description`` in the study (e.g. all axial stacks),
+        the best one first."""
         return list(self._by_description.get((int(study_id), description), []))
 
     def series_stacks(self, study_id: int, series_id: int) -> list[StackKey]:
@@ -104,6 +110,32 @@ class StackStore:
             self._stacks[key] = stack
         return self._stacks[key]
 
+    def series_grid(
+        self, study_id: int, description: str, shape: Sequence[int]
+    ) -> SeriesGrid | None:
+        """The grid of ``shape`` over every stack of ``description`` in the study (None: the
+        study has none); see :mod:`lsdc.datasets.grids`."""
+        memo = (int(study_id), description, tuple(int(s) for s in shape))
+        if memo not in self._grids:
+            loaded = [self.load(k) for k in self.stacks(study_id, description)]
+            if not loaded:
+                return None
+            self._grids[memo] = series_grid(
+                [s.geometry for s in loaded], [s.array.shape for s in loaded], shape
+            )
+        return self._grids[memo]
+
+    def series_volume(
+        self, study_id: int, description: str, shape: Sequence[int]
+    ) -> tuple[np.ndarray, SeriesGrid] | None:
+        """Every stack of ``description`` sampled on its grid and z-scored: ``shape`` float32,
+        with the grid that maps it to patient mm (None: the study has no such series)."""
+        grid = self.series_grid(study_id, description, shape)
+        if grid is None:
+            return None
+        volume = sample_series(grid, [self.load(k) for k in self.stacks(study_id, description)])
+        return (volume - volume.mean()) / max(float(volume.std()), 1e-6), grid
+
     def intensity(self, key: StackKey) -> tuple[float, float]:
         """Mean and standard deviation of a stack: crops are normalised by their whole stack, so
         a crop keeps its brightness relative to the rest of the series."""
@@ -111,6 +143,33 @@ class StackStore:
             array = np.asarray(self.load(key).array, dtype=np.float32)
             self._stats[key] = (float(array.mean()), float(array.std()) or 1.0)
         return self._stats[key]
+
+    def stored_series_volume(
+        self, study_id: int, description: str, shape: Sequence[int]
+    ) -> tuple[np.ndarray, SeriesGrid] | None:
+        """:meth:`series_volume`, computed once and then read from the cache.
+
+        Sampling a series onto the localizer grid reads every voxel of its stacks (12 MB of a
+        20 x 512 x 512 stack for a 2 MB grid), in every epoch and every worker. The first call
+        writes the volume, with each stack's :meth:`intensity`, beside the study's entries
+        (:func:`~lsdc.preprocessing.cache.series_grid_path`); later calls, in any process, read
+        those 2 MB back. A file made from other stacks (cached again) is recomputed.
+        """
+        grid = self.series_grid(study_id, description, shape)
+        if grid is None:
+            return None
+        keys = self.stacks(study_id, description)
+        path = series_grid_path(self.cache_dir, study_id, description, shape)
+        fingerprint = stack_fingerprint(self.cache_dir, keys)
+        stored = read_derived(path, fingerprint)
+        if stored is not None and len(stored.get("intensity", ())) == len(keys):
+            for key, (mean, std) in zip(keys, stored["intensity"].tolist(), strict=True):
+                self._stats.setdefault(key, (mean, std))
+            return stored["volume"], grid
+        volume, _ = self.series_volume(study_id, description, shape)
+        intensity = np.array([self.intensity(k) for k in keys], dtype=np.float64)
+        write_derived(path, fingerprint, volume=volume, intensity=intensity)
+        return volume, grid
 
 
 # ------------------------------------------------------------------------------- label points
@@ -140,50 +199,48 @@ def label_points_mm(store: StackStore, coordinates: pd.DataFrame, study_id: int)
 
 
 def complete_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fill a label's missing point with the mean of its level's other points.
+    """Points for the crops of findings without a coordinate row, from same-side evidence only.
 
-    A finding without a coordinate row (unlabelled, or a reader who skipped it) still needs a
-    crop; the other findings of the same disc are within a few centimetres, which the crop's
-    field covers. Returns the filled points and a ``(25,)`` bool of the labels that have one.
+    A labelled finding may lack its coordinate row (the real ``train_label_coordinates.csv``
+    misses some). Its crop must still show that finding: the mean of its level's other points
+    would put a left foramen on the midline, and train its label on the wrong tissue. So the
+    finding keeps its own offset from another finding ``o`` that has a point at this level:
+    ``p[c, l] = p[o, l] + d(l)``, where ``d`` is the offset ``p[c, m] - p[o, m]`` at the levels
+    ``m`` where both have points, interpolated linearly along the spine (the nearest level's
+    beyond the ends); the estimates of every such ``o`` are averaged. The side and depth come
+    from the finding itself, the level from the others. A finding with no point at any level,
+    or with no other finding to anchor it, stays unknown: NaN, so it gets no crop and its label
+    is masked.
+
+    Returns:
+        The completed points ``(25, 3)`` and a ``(25,)`` bool of the labels that have a point
+        (labelled or completed).
     """
-    filled = points.copy()
     by_level = points.reshape(len(CONDITIONS), len(LEVELS), 3)
-    for lv in range(len(LEVELS)):
-        known = ~np.isnan(by_level[:, lv, 0])
-        if not known.any():
-            continue
-        mean = by_level[known, lv].mean(axis=0)
-        for c in np.flatnonzero(~known):
-            filled[c * len(LEVELS) + lv] = mean
+    has = ~np.isnan(by_level[..., 0])
+    filled = by_level.copy()
+    for c, lv in zip(*np.nonzero(~has), strict=True):
+        estimates = []
+        for other in np.flatnonzero(has[:, lv]):
+            shared = np.flatnonzero(has[c] & has[other])
+            if len(shared):
+                offsets = by_level[c, shared] - by_level[other, shared]
+                offset = [np.interp(lv, shared, offsets[:, axis]) for axis in range(3)]
+                estimates.append(by_level[other, lv] + offset)
+        if estimates:
+            filled[c, lv] = np.mean(estimates, axis=0)
+    filled = filled.reshape(N_LABELS, 3)
     return filled, ~np.isnan(filled[:, 0])
 
 
 # --------------------------------------------------------------------------- localizer inputs
-def to_grid(array: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """A stack resampled (trilinear) onto the localizer grid and z-scored: ``grid`` float32."""
-    volume = torch.as_tensor(np.asarray(array, dtype=np.float32))[None, None]
-    volume = F.interpolate(volume, size=tuple(grid), mode="trilinear", align_corners=False)[0, 0]
-    volume = (volume - volume.mean()) / volume.std().clamp(min=1e-6)
-    return volume.numpy()
-
-
-def voxel_to_grid(voxels: np.ndarray, shape: Sequence[int], grid: Sequence[int]) -> np.ndarray:
-    """Voxel indices of a stack of ``shape`` -> indices on the resampled ``grid`` (pixel centres
-    aligned as ``F.interpolate(align_corners=False)`` aligns them)."""
-    scale = np.asarray(grid, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
-    return (np.asarray(voxels, dtype=np.float64) + 0.5) * scale - 0.5
-
-
-def grid_to_voxel(points: np.ndarray, shape: Sequence[int], grid: Sequence[int]) -> np.ndarray:
-    """Inverse of :func:`voxel_to_grid`."""
-    scale = np.asarray(shape, dtype=np.float64) / np.asarray(grid, dtype=np.float64)
-    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
-
-
 def localizer_inputs(
     store: StackStore, study_id: int, grid: Sequence[int], points_mm: np.ndarray | None
 ) -> dict[str, np.ndarray]:
     """The localizer's view of a study: one grid volume per series slot plus point targets.
+
+    Each slot's volume holds every stack of that series description (:mod:`lsdc.datasets.grids`),
+    so an Axial T2 split into upper and lower series or stacks shows all its levels.
 
     Returns:
         ``volumes`` (3, 1, *grid) float32 (zeros for a missing series), ``volume_present`` (3,)
@@ -195,22 +252,19 @@ def localizer_inputs(
     targets = np.zeros((len(LOCALIZER_SERIES), N_LABELS, 3), dtype=np.float32)
     mask = np.zeros((len(LOCALIZER_SERIES), N_LABELS), dtype=bool)
     for slot, description in enumerate(LOCALIZER_SERIES):
-        key = store.best.get((int(study_id), description))
-        if key is None:
+        sampled = store.stored_series_volume(study_id, description, grid)
+        if sampled is None:
             continue
-        stack = store.load(key)
-        volumes[slot, 0] = to_grid(stack.array, grid)
+        volumes[slot, 0], mapping = sampled
         present[slot] = True
         if points_mm is None:
             continue
         known = ~np.isnan(points_mm[:, 0])
         if not known.any():
             continue
-        voxels = stack.geometry.patient_to_voxel(points_mm[known])
-        on_grid = voxel_to_grid(voxels, stack.array.shape, grid)
-        inside = ((on_grid >= -0.5) & (on_grid <= np.asarray(grid) - 0.5)).all(axis=1)
+        on_grid = mapping.to_grid(points_mm[known])
         targets[slot, known] = on_grid
-        mask[slot, np.flatnonzero(known)[inside]] = True
+        mask[slot, np.flatnonzero(known)[mapping.contains(on_grid)]] = True
     return {
         "volumes": volumes,
         "volume_present": present,
@@ -230,12 +284,9 @@ def fuse_points(
     """
     per_slot = np.full((len(LOCALIZER_SERIES), N_LABELS, 3), np.nan)
     for slot, description in enumerate(LOCALIZER_SERIES):
-        key = store.best.get((int(study_id), description))
-        if key is None:
-            continue
-        stack = store.load(key)
-        voxels = grid_to_voxel(grid_points[slot], stack.array.shape, grid)
-        per_slot[slot] = stack.geometry.voxel_to_patient(voxels)
+        mapping = store.series_grid(study_id, description, grid)
+        if mapping is not None:
+            per_slot[slot] = mapping.to_patient(grid_points[slot])
     sagittal = [LOCALIZER_SERIES.index(d) for d in SAGITTAL_SERIES]
     if not np.isnan(per_slot[sagittal, 0, 0]).all():
         return np.nanmean(per_slot[sagittal], axis=0)

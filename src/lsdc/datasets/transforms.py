@@ -25,6 +25,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
+from lsdc.config import AugmentConfig
 from lsdc.contract import LEFT_RIGHT_PERMUTATION
 
 
@@ -58,46 +59,38 @@ class RandFlipLeftRightd(RandomizableTransform, MapTransform):
         return flip_left_right(sample) if self._do_transform else sample
 
 
-def training_transforms(
-    flip_prob: float,
-    affine_prob: float,
-    rotate_degrees: float,
-    scale: float,
-    elastic_prob: float,
-    noise_prob: float,
-    noise_std: float,
-    shift_prob: float,
-    intensity_shift: float,
-) -> Compose:
+def training_transforms(augment: AugmentConfig) -> Compose:
     """The training augmentation: left-right flip with label swap, rotation/scale, elastic
     deformation, Gaussian noise and intensity shift.
 
     Each random transform draws once per sample and applies that draw to the whole (S, D, H, W)
     stack, so every slice of a volume moves together. Seed it per sample with
-    ``set_random_state`` for reproducible (and exactly resumable) epochs.
+    ``set_random_state`` for reproducible (and exactly resumable) epochs. A probability of 0
+    leaves its transform out.
     """
-    rotate = math.radians(rotate_degrees)
+    a = augment
+    rotate = math.radians(a.rotate_degrees)
     return Compose(
         [
-            RandFlipLeftRightd(prob=flip_prob),
+            RandFlipLeftRightd(prob=a.flip_prob),
             RandAffined(
                 keys="volumes",
-                prob=affine_prob,
+                prob=a.affine_prob,
                 rotate_range=(rotate, rotate, rotate),
-                scale_range=(scale, scale, scale),
+                scale_range=(a.scale, a.scale, a.scale),
                 mode="bilinear",
                 padding_mode="zeros",
             ),
             Rand3DElasticd(
                 keys="volumes",
-                prob=elastic_prob,
+                prob=a.elastic_prob,
                 sigma_range=(5.0, 7.0),
                 magnitude_range=(50.0, 150.0),
                 mode="bilinear",
                 padding_mode="zeros",
             ),
-            RandGaussianNoised(keys="volumes", prob=noise_prob, std=noise_std),
-            RandShiftIntensityd(keys="volumes", offsets=intensity_shift, prob=shift_prob),
+            RandGaussianNoised(keys="volumes", prob=a.noise_prob, std=a.noise_std),
+            RandShiftIntensityd(keys="volumes", offsets=a.intensity_shift, prob=a.shift_prob),
             EnsureTyped(keys="volumes", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import NormalizeIntensity, Resize
+from monai.transforms import NormalizeIntensity
 from torch.utils.data import Dataset
 
 from lsdc.contract import IGNORE_INDEX, LABEL_COLUMNS, SERIES_DESCRIPTIONS, labels_to_indices
+from lsdc.datasets.grids import sample_series, series_grid, stacks_by_description
 from lsdc.datasets.transforms import sample_seed, seed_transform
-from lsdc.preprocessing.cache import best_stacks, load_stack, read_cache_index
+from lsdc.preprocessing.cache import load_stack, read_cache_index
 
 META_FEATURES: tuple[str, ...] = (
     "slice_thickness",
@@ -59,6 +60,10 @@ def _series_meta(meta: dict[str, Any], n_slices: int) -> np.ndarray:
 class StudyVolumeStore:
     """Each study's series, resampled to ``volume_size`` and z-scored per volume.
 
+    A series description is every stack of that description in the study, on one grid
+    (:mod:`lsdc.datasets.grids`): an Axial T2 split into upper and lower series or stacks shows
+    every level, not only the longest stack's.
+
     Args:
         cache_dir: the preprocessed cache.
         volume_size: (D, H, W) every series is resized to.
@@ -69,12 +74,7 @@ class StudyVolumeStore:
         self.cache_dir = cache_dir
         self.volume_size = tuple(int(s) for s in volume_size)
         self.keep_in_memory = keep_in_memory
-        best = best_stacks(read_cache_index(cache_dir))
-        self._stacks = {
-            (int(r.study_id), r.series_description): (int(r.series_id), int(r.stack))
-            for r in best.itertuples()
-        }
-        self._resize = Resize(self.volume_size, mode="trilinear")
+        self._stacks = stacks_by_description(read_cache_index(cache_dir))
         self._normalize = NormalizeIntensity(channel_wise=True)
         self._memo: dict[int, dict[str, np.ndarray]] = {}
 
@@ -90,15 +90,16 @@ class StudyVolumeStore:
         missing = np.ones(n_series, dtype=np.float32)
         lr_axis = np.zeros(n_series, dtype=np.int64)
         for s, description in enumerate(SERIES_DESCRIPTIONS):
-            key = (study_id, description)
-            if key not in self._stacks:
+            keys = self._stacks.get((study_id, description))
+            if not keys:
                 continue
-            stack = load_stack(self.cache_dir, study_id, *self._stacks[key])
-            array = np.array(stack.array, dtype=np.float32)[
-                None
-            ]  # a copy: never write to the memory map
-            volumes[s] = np.asarray(self._normalize(self._resize(array)))[0]
-            meta_raw[s] = _series_meta(stack.meta, array.shape[1])
+            stacks = [load_stack(self.cache_dir, *key) for key in keys]
+            grid = series_grid(
+                [st.geometry for st in stacks], [st.array.shape for st in stacks], self.volume_size
+            )
+            volumes[s] = np.asarray(self._normalize(sample_series(grid, stacks)[None]))[0]
+            stack = stacks[0]  # the best stack: the grid's axes, its metadata
+            meta_raw[s] = _series_meta(stack.meta, stack.array.shape[0])
             missing[s] = 0.0
             g = stack.geometry
             # array axes (slice, row, col) point along (normal, column_direction, row_direction)

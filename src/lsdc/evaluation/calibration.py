@@ -5,11 +5,19 @@ the competition scores. One scalar per condition (``softmax(log p / T)``) fixes 
 without any risk of reordering classes, and five numbers cannot overfit an OOF set of a few
 hundred studies. The temperatures live in ``RUN/calibration.json`` beside the run they belong to,
 so ``lsdc predict`` applies exactly what ``lsdc evaluate`` fitted.
+
+The gain is measured out of sample: the temperatures are cross-fitted over the training folds
+(each fold's rows calibrated by temperatures fitted on the other folds' rows), so every "after"
+row was calibrated by numbers that never saw it. The temperatures served are fitted on every row.
+Serving applies them to the mean over the fold models, with flip TTA when asked; out of sample
+only one model per study exists (the fold that held it out), so the closest match is that model's
+prediction made by the serving code, with the TTA that will be served
+(:func:`served_oof_predictions`); ``RUN/oof.csv`` is that prediction without TTA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 
-from lsdc.contract import CONDITIONS, LEVELS, PRED_COLUMNS, parse_row_id
+from lsdc.contract import CONDITIONS, LEVELS, PRED_COLUMNS, all_row_ids, parse_row_id
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import EPS, weighted_log_loss
 from lsdc.rundir import RunDir
@@ -27,6 +35,9 @@ from lsdc.utils import read_json, write_json_atomic
 
 LOG_TEMPERATURE_BOUNDS: tuple[float, float] = (-3.0, 3.0)
 """Search range of log T: T in [0.05, 20] covers any sane network; beyond it something is broken."""
+
+CROSS_FIT_GROUPS = 5
+"""Study groups of the cross-fit when the predictions come from one trained fold only."""
 
 
 def temperature_scale(probs: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
@@ -126,6 +137,101 @@ def fit_temperatures(
         )
         temperatures[cond] = float(np.exp(result.x))
     return temperatures
+
+
+def cross_fit_groups(
+    study_ids: np.ndarray, fold_of: Mapping[int, int] | None
+) -> tuple[np.ndarray | None, str]:
+    """Per study (of ``study_ids``, one per prediction row), the group whose temperatures must
+    not see it, and how the groups were made.
+
+    The training folds when the studies span two or more: each fold's rows come from its own
+    model, so the temperatures are tested on a model they were not fitted on, as serving applies
+    them to another model (the fold mean). With one trained fold (``folds.fold=k``, the demo),
+    ``CROSS_FIT_GROUPS`` random groups of its studies (seeded): out of sample still, though on
+    the one model. None when there are fewer than two studies (nothing can be held out).
+    """
+    study_ids = np.asarray(study_ids, dtype=np.int64)
+    if fold_of is not None:
+        folds = np.array([fold_of.get(int(s), -1) for s in study_ids])
+        n = len(np.unique(folds))
+        if n >= 2 and (folds >= 0).all():
+            return folds, f"cross-fitted over {n} training folds"
+    studies = np.unique(study_ids)
+    k = min(CROSS_FIT_GROUPS, len(studies))
+    if k < 2:
+        return None, "not cross-fitted: fewer than two studies (the gain shown is in-sample)"
+    shuffled = studies[np.random.default_rng(0).permutation(len(studies))]
+    group = dict(zip(shuffled.tolist(), (np.arange(len(studies)) % k).tolist(), strict=True))
+    return (
+        np.array([group[int(s)] for s in study_ids]),
+        f"cross-fitted over {k} random groups of studies (one trained fold)",
+    )
+
+
+def cross_fit(
+    predictions: pd.DataFrame,
+    groups: np.ndarray,
+    conditions: np.ndarray,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    weights: np.ndarray,
+    scored_groups: np.ndarray,
+) -> tuple[pd.DataFrame, dict[int, dict[str, float]]]:
+    """Out-of-sample calibrated predictions: each group's rows scaled by temperatures fitted on
+    the scored rows of the other groups.
+
+    Args:
+        predictions: row_id + PRED_COLUMNS; ``groups`` (one per row) says whose they are.
+        conditions, targets, probs, weights: the scored rows (as :func:`fit_temperatures`).
+        scored_groups: the group of each scored row.
+
+    Returns:
+        The calibrated frame (rows in ``predictions`` order) and the temperatures of each group.
+    """
+    out = predictions.copy()
+    fitted: dict[int, dict[str, float]] = {}
+    for g in np.unique(groups):
+        train = scored_groups != g
+        fitted[int(g)] = fit_temperatures(
+            conditions[train], targets[train], probs[train], weights[train]
+        )
+        held = groups == g
+        out.loc[held] = Calibration(fitted[int(g)]).apply_to_frame(predictions[held])
+    return out, fitted
+
+
+def served_oof_predictions(
+    run_dir: str | Path,
+    cache_dir: str | Path,
+    tta_flip: bool,
+    predict_fn: Callable[..., np.ndarray],
+) -> pd.DataFrame:
+    """Out-of-fold predictions made the way serving makes them: each trained fold's served model
+    on its own validation studies (``RUN/folds.csv``), through ``predict_fn`` (the serving code,
+    ``lsdc.inference.runs.predict_run``, passed in by the caller: evaluation does not import
+    inference) with ``tta_flip`` as ``lsdc predict`` will use it.
+
+    Raises:
+        UserError: the run has no folds.csv or no trained fold.
+    """
+    run = RunDir(run_dir)
+    if not run.folds.is_file():
+        raise UserError(f"{run.folds}: not found; is {run_dir} a run folder written by lsdc train?")
+    folds = pd.read_csv(run.folds)
+    trained = [f.fold for f in run.trained_folds()]
+    if not trained:
+        raise UserError(f"{run_dir}: no fold*/best.pt; nothing to predict with")
+    frames = []
+    for k in trained:
+        ids = folds.loc[folds["fold"] == k, "study_id"].astype(np.int64).tolist()
+        if not ids:
+            continue
+        probs = np.asarray(predict_fn(run_dir, cache_dir, ids, tta_flip=tta_flip, folds=[k]))
+        frame = pd.DataFrame(probs.reshape(-1, len(PRED_COLUMNS)), columns=list(PRED_COLUMNS))
+        frame.insert(0, "row_id", all_row_ids(ids))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def save_calibration(calibration: Calibration, run_dir: str | Path) -> Path:

@@ -6,6 +6,8 @@ the raw predictions), so a figure always shows exactly what ``metrics.json`` hol
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from typing import Any
 
@@ -26,6 +28,12 @@ def figure_to_png(fig: plt.Figure) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def img_tag(image: bytes, alt: str, mime: str = "image/png") -> str:
+    """An ``<img>`` holding the encoded image as a data URI, so a page needs no file beside it."""
+    data = base64.b64encode(image).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
 
 
 def confusion_matrices_png(confusion: dict[str, list[list[int]]]) -> bytes:
@@ -82,5 +90,48 @@ def level_heatmap_png(grid: dict[str, dict[str, float | None]]) -> bytes:
                     j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color
                 )
     fig.colorbar(im, ax=ax, label="weighted log loss")
+    fig.tight_layout()
+    return figure_to_png(fig)
+
+
+LOCALIZATION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("spinal canal (Sagittal T2/STIR)", ("spinal_canal_stenosis",)),
+    (
+        "neural foramina (Sagittal T1)",
+        ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
+    ),
+    (
+        "subarticular zones (Axial T2)",
+        ("left_subarticular_stenosis", "right_subarticular_stenosis"),
+    ),
+)
+
+
+def localization_error_png(per_label: dict[str, dict[str, dict[str, float] | None]]) -> bytes:
+    """Stage 1's point error per level and side: the median (marker) and the 90th percentile
+    (end of the bar), one panel per grading series."""
+    fig, axes = plt.subplots(1, len(LOCALIZATION_GROUPS), figsize=(13, 3.6), sharey=True)
+    x = np.arange(len(LEVELS))
+    for ax, (title, conditions) in zip(axes, LOCALIZATION_GROUPS, strict=True):
+        for k, condition in enumerate(conditions):
+            shift = (k - (len(conditions) - 1) / 2) * 0.12
+            stats = [per_label[condition][lv] for lv in LEVELS]
+            median = np.array([np.nan if s is None else s["median_mm"] for s in stats])
+            p90 = np.array([np.nan if s is None else s["p90_mm"] for s in stats])
+            side = condition.split("_")[0] if len(conditions) > 1 else "centre"
+            ax.errorbar(
+                x + shift,
+                median,
+                yerr=[np.zeros_like(median), p90 - median],
+                fmt="o-",
+                capsize=3,
+                label=side,
+            )
+        ax.set_xticks(x, [lv.upper().replace("_", "/") for lv in LEVELS])
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("point error, mm (median; bar to p90)")
+    axes[0].set_ylim(bottom=0)
     fig.tight_layout()
     return figure_to_png(fig)

@@ -10,16 +10,19 @@ Two kinds of prediction file are evaluated the same way, against the labels that
   every scored row must be predicted, exactly as ``lsdc score`` demands).
 
 The outputs are ``report.html`` (self-contained: plots embedded as base64 PNG) and
-``metrics.json`` (every number of the report) in ``--out``.
+``metrics.json`` (every number of the report) in ``--out``. Given the run and its cache
+(``--run RUN --cache CACHE``), the report also shows a gallery of studies (the largest loss first,
+then a few random ones) drawn by :mod:`lsdc.evaluation.viewer`, each linking to its full page in
+``studies/``, and stage 1's localisation error per level and side.
 """
 
 from __future__ import annotations
 
-import base64
 import html
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,17 +36,30 @@ from lsdc.contract import (
     load_solution,
     load_train_labels,
     parse_row_id,
+    write_csv_atomic,
 )
 from lsdc.errors import UserError
 from lsdc.evaluation import plots
-from lsdc.evaluation.calibration import Calibration, fit_temperatures, save_calibration
+from lsdc.evaluation.calibration import (
+    Calibration,
+    cross_fit,
+    cross_fit_groups,
+    fit_temperatures,
+    save_calibration,
+    served_oof_predictions,
+)
 from lsdc.evaluation.diagnostics import align, diagnose, load_predictions
 from lsdc.evaluation.metric import SubmissionError
 from lsdc.rundir import RunDir
-from lsdc.utils import write_json_atomic, write_text_atomic
+from lsdc.utils import check_output_dir, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from lsdc.evaluation.viewer import StudyViewer
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.json"
+SERVED_OOF_FILE = "oof_served.csv"
+"""``--tta``: the out-of-fold predictions re-made as served, beside the report."""
 SCORE_KEYS: tuple[str, ...] = ("score", "spinal", "foraminal", "subarticular", "any_severe_spinal")
 
 
@@ -53,6 +69,9 @@ def evaluate_files(
     solution: str | Path | None = None,
     run_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    tta: str | None = None,
+    predict_fn: Callable[..., np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Score a prediction file named by paths (what ``lsdc evaluate`` does).
 
@@ -65,11 +84,27 @@ def evaluate_files(
         run_dir: fit this run's calibration on the (out-of-fold) predictions; needs ``data_root``.
         out_dir: folder for report.html and metrics.json; default ``RUN/evaluation`` with a run,
             else an ``evaluation`` folder beside the predictions.
+        cache_dir: the cache of the predicted studies; with ``run_dir``, the report gets the
+            study gallery (pages in ``out_dir/studies``) and the localisation error.
+        tta: ``none`` or ``flip``: instead of ``RUN/oof.csv``, re-make the out-of-fold
+            predictions the way ``lsdc predict --tta`` serves them (each fold's model on its own
+            validation studies of ``cache_dir``, through ``predict_fn``), write them to
+            ``out_dir/oof_served.csv``, and score and calibrate those.
+        predict_fn: the serving code (``lsdc.inference.runs.predict_run``), with ``tta``.
 
     Returns:
         The metrics written to metrics.json.
     """
     run = Path(run_dir) if run_dir is not None else None
+    if tta is not None and (
+        run is None or cache_dir is None or data_root is None or predictions is not None
+    ):
+        raise UserError(
+            "--tta re-makes the run's out-of-fold predictions as served: give --run RUN, "
+            "--data ROOT and --cache CACHE (the training cache), and no --pred"
+        )
+    if tta not in (None, "none", "flip"):
+        raise UserError(f"--tta must be none or flip, got {tta!r}")
     if predictions is None:
         if run is None:
             raise UserError("give --pred PRED.csv, or --run RUN to evaluate RUN/oof.csv")
@@ -84,14 +119,27 @@ def evaluate_files(
         )
     if run is not None and not run.is_dir():
         raise UserError(f"{run}: run folder not found")
+    if cache_dir is not None and run is None:
+        raise UserError("--cache draws the run's studies in the report: give --run RUN too")
     out = Path(out_dir) if out_dir is not None else None
     out = out or (run / "evaluation" if run is not None else pred_path.parent / "evaluation")
+    check_output_dir(out, "--out")
     if data_root is not None:
         labels_path = Path(data_root) / "train.csv"
         labels = labels_to_solution(load_train_labels(labels_path))
     else:
         labels_path = Path(solution)
         labels = load_solution(labels_path)
+    if tta is not None:
+        if predict_fn is None:
+            raise ValueError("tta needs predict_fn, the serving code")
+        served = served_oof_predictions(run, cache_dir, tta == "flip", predict_fn)
+        pred_path = write_csv_atomic(served, out / SERVED_OOF_FILE)
+    viewer = None
+    if cache_dir is not None:
+        from lsdc.evaluation.viewer import StudyViewer
+
+        viewer = StudyViewer(run, cache_dir, data_root)
     return evaluate(
         pred_path,
         labels,
@@ -99,6 +147,8 @@ def evaluate_files(
         labels_name=str(labels_path),
         restrict_to_predicted_studies=data_root is not None,
         calibration_run=run,
+        viewer=viewer,
+        served_tta_flip=tta == "flip",
     )
 
 
@@ -115,6 +165,8 @@ def evaluate(
     labels_name: str = "solution",
     restrict_to_predicted_studies: bool = False,
     calibration_run: str | Path | None = None,
+    viewer: StudyViewer | None = None,
+    served_tta_flip: bool = False,
 ) -> dict[str, Any]:
     """Score a prediction file, write report.html and metrics.json, optionally fit calibration.
 
@@ -126,6 +178,10 @@ def evaluate(
         restrict_to_predicted_studies: score only the solution rows of studies the predictions
             hold (out-of-fold files); otherwise every scored row must be predicted.
         calibration_run: fit temperatures on these predictions and write RUN/calibration.json.
+        served_tta_flip: the predictions were made with flip TTA (recorded in calibration.json,
+            which ``lsdc predict`` checks against how it serves).
+        viewer: draw the study gallery (full pages in ``out_dir/studies``) and, for a two-stage
+            run with labelled points, stage 1's out-of-fold error (needs ``data_root``).
 
     Returns:
         The metrics written to metrics.json.
@@ -150,12 +206,23 @@ def evaluate(
         }
         if calibration_run is not None:
             metrics["calibration"] = calibrate_run(
-                solution, predictions, calibration_run, str(pred_path), metrics["official"]
+                solution,
+                predictions,
+                calibration_run,
+                str(pred_path),
+                metrics["official"],
+                tta_flip=served_tta_flip,
             )
     except SubmissionError as exc:
         raise UserError(f"{pred_path}: {exc} (labels: {labels_name})") from exc
+    gallery_html = ""
+    if viewer is not None:
+        from lsdc.evaluation.viewer import gallery
+
+        metrics["gallery"], gallery_html = gallery(viewer, solution, predictions, out_dir)
+        metrics["localization"] = viewer.localization()
     write_json_atomic(metrics, out_dir / METRICS_FILE)
-    write_text_atomic(render_html(metrics), out_dir / REPORT_FILE)
+    write_text_atomic(render_html(metrics, gallery_html), out_dir / REPORT_FILE)
     return metrics
 
 
@@ -165,24 +232,61 @@ def calibrate_run(
     run_dir: str | Path,
     fitted_on: str,
     before: dict[str, float],
+    tta_flip: bool = False,
 ) -> dict[str, Any]:
     """Fit temperatures on out-of-fold predictions, store them in RUN/calibration.json, and
-    return the report's calibration section (the score before and after, reliability after)."""
+    return the report's calibration section.
+
+    The temperatures stored are fitted on every row. The score "after" is out of sample: the
+    rows of each training fold (or, for a one-fold run, of each random study group) calibrated
+    by temperatures fitted without them (:func:`lsdc.evaluation.calibration.cross_fit_groups`),
+    so the gain shown is what calibration does for rows it never saw. The in-sample score (every
+    row calibrated by temperatures fitted on it, the old "after") is kept for reference.
+    """
     rows = align(solution, predictions)
     temperatures = fit_temperatures(rows.condition, rows.target, rows.probs, rows.weight)
-    after = diagnose(solution, Calibration(temperatures).apply_to_frame(predictions))
+    in_sample = diagnose(solution, Calibration(temperatures).apply_to_frame(predictions))
+    folds_path = RunDir(run_dir).folds
+    fold_of = None
+    if folds_path.is_file():
+        folds = pd.read_csv(folds_path)
+        fold_of = dict(zip(folds["study_id"].astype(int), folds["fold"].astype(int), strict=True))
+    study_of_row = np.array([parse_row_id(r)[0] for r in predictions["row_id"]])
+    groups, how = cross_fit_groups(study_of_row, fold_of)
+    per_group: dict[int, dict[str, float]] = {}
+    after = in_sample
+    if groups is not None:
+        group_of_study = dict(zip(study_of_row.tolist(), groups.tolist(), strict=True))
+        scored_groups = np.array([group_of_study[int(s)] for s in rows.study_id])
+        calibrated, per_group = cross_fit(
+            predictions,
+            groups,
+            rows.condition,
+            rows.target,
+            rows.probs,
+            rows.weight,
+            scored_groups,
+        )
+        after = diagnose(solution, calibrated)
     info = {
         "fitted_on": fitted_on,
+        "tta_flip": tta_flip,
         "n_rows": int(rows.target.size),
         "score_before": before["score"],
         "score_after": after["official"]["score"],
+        "score_after_in_sample": in_sample["official"]["score"],
+        "cross_fit": how,
     }
     path = save_calibration(Calibration(temperatures, info), run_dir)
     return {
         "path": str(path),
         "temperatures": temperatures,
+        "tta_flip": tta_flip,
+        "cross_fit": how,
+        "temperatures_by_group": {str(g): t for g, t in per_group.items()},
         "before": before,
         "after": after["official"],
+        "after_in_sample": in_sample["official"],
         "reliability_after": after["reliability"],
     }
 
@@ -197,11 +301,18 @@ def print_summary(metrics: dict[str, Any]) -> None:
         for key in SCORE_KEYS:
             print(f"{key:>18s}  {metrics['official'][key]:.6f}")
     else:
-        print(f"{'':>18s}  {'before':>9s}  {'after':>9s}")
+        print(f"{'':>18s}  {'before':>9s}  {'after':>9s}  {'in-sample':>9s}")
         for key in SCORE_KEYS:
-            print(f"{key:>18s}  {cal['before'][key]:9.6f}  {cal['after'][key]:9.6f}")
+            print(
+                f"{key:>18s}  {cal['before'][key]:9.6f}  {cal['after'][key]:9.6f}  "
+                f"{cal['after_in_sample'][key]:9.6f}"
+            )
+        print(
+            f"after: {cal['cross_fit']}; each row calibrated by temperatures fitted without it "
+            f"(predictions {'with' if cal['tta_flip'] else 'without'} flip TTA)"
+        )
         temps = ", ".join(f"{c}={t:.3f}" for c, t in cal["temperatures"].items())
-        print(f"temperatures: {temps}")
+        print(f"temperatures (fitted on every row, served): {temps}")
         print(f"calibration: {cal['path']}")
     out_dir = Path(metrics["out_dir"])
     print(f"report: {out_dir / REPORT_FILE}")
@@ -214,8 +325,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return plots.img_tag(png, alt)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -228,8 +338,12 @@ def _label(name: str) -> str:
     return html.escape(name.replace("_", " "))
 
 
-def render_html(metrics: dict[str, Any]) -> str:
-    """The whole report as one HTML string with every figure inlined (opens offline, anywhere)."""
+def render_html(metrics: dict[str, Any], gallery_html: str = "") -> str:
+    """The whole report as one HTML string with every figure inlined (opens offline, anywhere).
+
+    Args:
+        gallery_html: the study gallery's panels (``viewer.gallery``), shown last.
+    """
     cal = metrics.get("calibration")
     parts = [
         f"<h1>lsdc evaluation</h1><p>predictions <code>{html.escape(metrics['predictions'])}</code>"
@@ -314,15 +428,56 @@ def render_html(metrics: dict[str, Any]) -> str:
             "<h3>After calibration</h3>",
             _img(plots.reliability_png(cal["reliability_after"]), "reliability after calibration"),
         ]
+    parts += _viewer_sections(metrics, gallery_html)
     style = (
         "body{font-family:sans-serif;max-width:1300px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:.5em 1em 1em 0;display:inline-table;vertical-align:top}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block}"
     )
+    if gallery_html:
+        from lsdc.evaluation.viewer import PANEL_STYLE
+
+        style += PANEL_STYLE
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>lsdc evaluation</title><style>{style}</style></head><body>\n"
         + "\n".join(parts)
         + "\n</body></html>\n"
     )
+
+
+def _viewer_sections(metrics: dict[str, Any], gallery_html: str) -> list[str]:
+    """Stage 1's localisation error and the study gallery (present with ``--cache``)."""
+    parts = []
+    loc = metrics.get("localization")
+    if loc is not None:
+        rows = [
+            [
+                html.escape(str(r["group"])),
+                str(int(r["points"])),
+                _fmt(r["median_mm"], 1),
+                _fmt(r["p90_mm"], 1),
+                _fmt(r["slice_exact"], 3),
+                _fmt(r["slice_within_1"], 3),
+            ]
+            for r in loc["summary"]
+        ]
+        parts += [
+            "<h2>Localisation (stage 1, out of fold)</h2><p>Distance between the point each "
+            "fold's model predicts on its validation studies and the labelled point, and whether "
+            "it falls on the labelled slice.</p>",
+            _table(
+                ["group", "points", "median mm", "p90 mm", "slice exact", "within 1 slice"], rows
+            ),
+            _img(plots.localization_error_png(loc["per_label"]), "localisation error per level"),
+        ]
+    if gallery_html:
+        parts += [
+            '<h2 id="gallery">Studies: largest loss first, then a few at random</h2><p>Each panel '
+            "links to the study's full page (every slice with its points, the 25 rows, every "
+            "crop plane). Grid cells: the true class's initial and its predicted probability, red "
+            "by the row's loss.</p>",
+            gallery_html,
+        ]
+    return parts

@@ -3,9 +3,13 @@
 In the competition's offline notebook one missing row or one crash costs the attempt, so this
 stage is built around one promise: whatever the input folder holds, it writes exactly one finite,
 normalised row per ``{study_id}_{condition}_{level}`` of every study listed, or nothing at all
-(atomic write). Degradation is graded, never fatal: a study with a missing, empty or unreadable
-series is predicted without it; a study with nothing usable, or one the model fails on, gets the
-training class prior. Every study gets a line in ``predict_report.csv`` saying which it was.
+(atomic write). Degradation by the data is graded, never fatal: a study with a missing, empty or
+unreadable series is predicted without it; a study with nothing usable, or one the model fails
+on, gets the training class prior. Every study gets a line in ``predict_report.csv`` saying which
+it was (a study folder that neither CSV lists too). Failures of the tools (a fold that cannot
+load, folds of different configs, a missing device, a bad worker count, an unusable cache) would
+silently spend a submission on the prior, so they are refused unless ``allow_fallback`` asks for
+the prior (docs/reliability.md).
 
 The chain: list the studies (``{split}_series_descriptions.csv`` and, for the test split,
 ``sample_submission.csv``) -> preprocess into a temporary cache (``lsdc.preprocessing.cache``) -> for each
@@ -43,6 +47,7 @@ from lsdc.errors import UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
+from lsdc.utils import check_output_dir, check_output_file
 
 PredictRunFn = Callable[..., np.ndarray]
 """``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
@@ -57,7 +62,8 @@ REPORT_COLUMNS = [
     "message",
 ]
 """predict_report.csv: ``source`` is ``model`` (every listed series read), ``model_partial``
-(the model saw only some series) or ``prior`` (nothing usable, or every run failed)."""
+(the model saw only some series), ``prior`` (nothing usable, every run failed, or a fallback the
+user allowed) or ``not_listed`` (a study folder in neither CSV: no rows)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ class PredictResult:
     report: pd.DataFrame
     submission_path: Path
     report_path: Path
+
+    @property
+    def n_prior(self) -> int:
+        """How many studies got the class prior instead of a model's prediction."""
+        return int((self.report["source"] == "prior").sum())
 
 
 # -------------------------------------------------------------------------------------- runs
@@ -199,6 +210,33 @@ def _series_status(
     return pd.DataFrame(rows)
 
 
+def _prior_row_notes(runs: Sequence[Path], status: pd.DataFrame) -> dict[int, str]:
+    """Per study the model predicted: the rows a run answered with its class prior because the
+    study lacks their series (the two-stage grader's rule: no crop, no grade), as report text."""
+    from lsdc.config import load_config
+    from lsdc.tasks.base import task_class
+
+    tasks = {}
+    for run in runs:
+        try:
+            tasks[run.name] = task_class(load_config(RunDir(run).config).task)
+        except UserError as exc:
+            _warn(f"{run}: cannot tell which rows its task answers with the prior ({exc})")
+    notes = {}
+    for sid, missing in zip(status["study_id"], status["missing_descriptions"], strict=True):
+        present = set(SERIES_DESCRIPTIONS) - set(str(missing).split("; "))
+        said = []
+        for name, task in tasks.items():
+            rows = task.prior_rows(present)
+            if rows.any():
+                said.append(
+                    f"{int(rows.sum())} rows of the missing {missing}: class prior in {name}"
+                )
+        if said:
+            notes[int(sid)] = "; ".join(said)
+    return notes
+
+
 # -------------------------------------------------------------------------------- prediction
 def _run_predictions(
     predict_fn: PredictRunFn,
@@ -284,6 +322,7 @@ def predict_split(
     workers: int = 1,
     device: str | None = None,
     progress: bool = True,
+    allow_fallback: bool = False,
     predict_fn: PredictRunFn | None = None,
 ) -> PredictResult:
     """Write ``out_path`` (the submission) and ``predict_report.csv`` beside it.
@@ -299,51 +338,64 @@ def predict_split(
         workers: preprocessing processes.
         device: torch device for the model; None picks CUDA when available.
         progress: show progress bars.
+        allow_fallback: where the tools fail (a fold that cannot load, folds of different
+            configs, a missing device, a bad worker count, an unusable cache, preprocessing that
+            crashes), give the studies concerned the class prior, with a warning and a report
+            line, instead of refusing.
         predict_fn: stand-in for ``lsdc.inference.runs.predict_run`` (tests).
 
     Raises:
-        UserError: a run folder is unusable, or neither CSV lists a study. Nothing about the
-            images themselves raises: bad series degrade to the prior and a report line.
+        UserError: a run folder is unusable, neither CSV lists a study, ``out_path`` cannot be
+            written, or (without ``allow_fallback``) one of the tool failures above. Nothing
+            about the images themselves raises: bad series degrade to the prior and a report line.
     """
+    from lsdc.inference.runs import check_folds
+
     data_root, out_path = Path(data_root), Path(out_path)
+    check_output_file(out_path, "--out")
     runs = [check_run(r) for r in run_dirs]
     priors = np.stack([load_class_prior(r) for r in runs])
     calibrations = [load_calibration(r) if calibrate else None for r in runs]
+    for run, cal in zip(runs, calibrations, strict=True):
+        if cal is not None and bool(cal.info.get("tta_flip", False)) != tta_flip:
+            fitted = "with" if cal.info.get("tta_flip") else "without"
+            _warn(
+                f"{RunDir(run).calibration}: fitted on predictions {fitted} flip TTA, applied "
+                f"here to predictions {'with' if tta_flip else 'without'}; refit it with lsdc "
+                "evaluate --run RUN --cache CACHE --tta as served"
+            )
     if predict_fn is None:
         from lsdc.inference.runs import predict_run as predict_fn
+    for_all, device = _tool_problems(cache_dir, split, workers, device, allow_fallback)
+    for_run: dict[Path, str] = {}
+    for run in runs:
+        try:
+            check_folds(run)
+        except UserError as exc:
+            for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
     row_ids, series = list_studies(data_root, split)
     study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
 
     with tempfile.TemporaryDirectory(prefix="lsdc-predict-") as tmp:
         cache = Path(cache_dir) if cache_dir is not None else Path(tmp) / "cache"
-        preprocess_error = ""
         listed_ids = [s for s in study_ids if s in set(series["study_id"])]
-        if listed_ids:
-            try:
-                from lsdc.preprocessing.cache import preprocess_split
-
-                t0 = time.perf_counter()
-                preprocess_split(
-                    data_root,
-                    cache,
-                    split,
-                    workers=workers,
-                    study_ids=listed_ids,
-                    progress=progress,
-                )
-                if progress:
-                    print(
-                        f"preprocessed {len(listed_ids)} studies in {time.perf_counter() - t0:.1f} s",
-                        file=sys.stderr,
-                    )
-            except Exception as exc:  # noqa: BLE001 - e.g. no image folder: every study -> prior
-                preprocess_error = f"preprocessing failed: {type(exc).__name__}: {exc}"
-                _warn(preprocess_error)
-        status = _series_status(study_ids, series, cache, preprocess_error)
-        usable = status.loc[status["n_series_read"] > 0, "study_id"].tolist()
+        if listed_ids and not for_all:
+            problem = _preprocess(
+                data_root, cache, split, workers, listed_ids, progress, allow_fallback
+            )
+            if problem:
+                for_all.append(problem)
+        status = _series_status(study_ids, series, cache, "; ".join(for_all))
+        usable = status.loc[status["n_series_read"] > 0, "study_id"].tolist() if not for_all else []
         per_run, failures = [], {}
         for run in runs:
-            probs, run_failures = _run_predictions(predict_fn, run, cache, usable, tta_flip, device)
+            if run in for_run:
+                probs = np.full((len(usable), N_LABELS, N_CLASSES), np.nan)
+                run_failures = dict.fromkeys(usable, f"{run.name}: {for_run[run]}")
+            else:
+                probs, run_failures = _run_predictions(
+                    predict_fn, run, cache, usable, tta_flip, device
+                )
             per_run.append(probs)
             for sid, msg in run_failures.items():
                 failures[sid] = "; ".join(filter(None, [failures.get(sid, ""), msg]))
@@ -362,15 +414,131 @@ def predict_split(
         status["missing_descriptions"] == ""
     )
     status["source"] = np.where(from_model, np.where(complete, "model", "model_partial"), "prior")
+    notes = _prior_row_notes(runs, status[from_model])
     status["message"] = [
-        "; ".join(filter(None, [m, failures.get(sid, "")]))
+        "; ".join(filter(None, [m, failures.get(sid, ""), notes.get(sid, "")]))
         for sid, m in zip(status["study_id"], status["message"], strict=True)
     ]
+    report = pd.concat(
+        [status[REPORT_COLUMNS], _unlisted_folders(data_root, split, set(study_ids))],
+        ignore_index=True,
+    )
     submission = _submission_frame(row_ids, study_ids, probs)
     report_path = out_path.parent / REPORT_NAME
-    write_csv_atomic(status[REPORT_COLUMNS], report_path)
+    write_csv_atomic(report, report_path)
     write_csv_atomic(submission, out_path)
-    return PredictResult(submission, status[REPORT_COLUMNS], out_path, report_path)
+    return PredictResult(submission, report, out_path, report_path)
+
+
+def _refuse_or_fall_back(message: str, allow_fallback: bool) -> str:
+    """Raise ``message`` as a UserError; with ``allow_fallback``, warn and return it instead (the
+    reason the studies concerned get the class prior)."""
+    if not allow_fallback:
+        raise UserError(f"{message} (--allow-fallback writes the class prior instead)")
+    _warn(f"{message}; --allow-fallback: the class prior instead")
+    return f"fallback: {message}"
+
+
+def _tool_problems(
+    cache_dir: str | Path | None,
+    split: str,
+    workers: int,
+    device: str | None,
+    allow_fallback: bool,
+) -> tuple[list[str], str | None]:
+    """Refuse (or, with ``allow_fallback``, return as reasons for the prior) what would make
+    every study fall back: a bad worker count, a missing device, an unusable cache folder.
+
+    Returns:
+        The reasons, and the device to serve on (``auto`` and None resolved to cuda or cpu).
+    """
+    from lsdc.distributed import resolve_device
+    from lsdc.preprocessing.cache import check_cache_settings
+
+    problems = []
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        problems.append(
+            _refuse_or_fall_back(f"--workers must be at least 1, got {workers!r}", allow_fallback)
+        )
+    try:
+        device = str(resolve_device(device))
+    except UserError as exc:
+        problems.append(_refuse_or_fall_back(str(exc), allow_fallback))
+    if cache_dir is not None:
+        try:
+            check_output_dir(cache_dir, "--cache")
+            check_cache_settings(cache_dir, split)
+        except UserError as exc:
+            problems.append(_refuse_or_fall_back(str(exc), allow_fallback))
+    return problems, device
+
+
+def _preprocess(
+    data_root: Path,
+    cache: Path,
+    split: str,
+    workers: int,
+    study_ids: list[int],
+    progress: bool,
+    allow_fallback: bool,
+) -> str:
+    """Cache ``study_ids``; returns why it failed ("" when it did not).
+
+    A failure of the input data (e.g. no image folder) is reported and the studies get the
+    prior; a failure of the tools (the cache busy, a crashed worker, a full disk) is refused
+    unless the fallback was asked for.
+    """
+    from lsdc.preprocessing.cache import CacheBusyError, preprocess_split
+
+    try:
+        t0 = time.perf_counter()
+        preprocess_split(
+            data_root, cache, split, workers=workers, study_ids=study_ids, progress=progress
+        )
+        if progress:
+            print(
+                f"preprocessed {len(study_ids)} studies in {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+            )
+        return ""
+    except CacheBusyError as exc:
+        return _refuse_or_fall_back(str(exc), allow_fallback)
+    except UserError as exc:
+        problem = f"preprocessing failed: {exc}"
+        _warn(problem)
+        return problem
+    except Exception as exc:  # noqa: BLE001 - the tools failed, not the data
+        return _refuse_or_fall_back(
+            f"preprocessing failed: {type(exc).__name__}: {exc}", allow_fallback
+        )
+
+
+def _unlisted_folders(data_root: Path, split: str, listed: set[int]) -> pd.DataFrame:
+    """Report lines (source ``not_listed``) for the study folders of ``{split}_images`` that
+    neither CSV lists: they get no rows (the submission holds the listed studies only), but
+    they do not vanish without a word."""
+    images = data_root / f"{split}_images"
+    found = (
+        sorted(int(p.name) for p in images.iterdir() if p.is_dir() and p.name.isdigit())
+        if images.is_dir()
+        else []
+    )
+    rows = [
+        {
+            "study_id": sid,
+            "source": "not_listed",
+            "n_series_listed": 0,
+            "n_series_read": 0,
+            "missing_descriptions": "",
+            "message": f"{images / str(sid)}: in neither {split}_series_descriptions.csv nor "
+            "sample_submission.csv; not predicted",
+        }
+        for sid in found
+        if sid not in listed
+    ]
+    for row in rows:
+        _warn(row["message"])
+    return pd.DataFrame(rows, columns=REPORT_COLUMNS)
 
 
 def _submission_frame(row_ids: list[str], study_ids: list[int], probs: np.ndarray) -> pd.DataFrame:

@@ -94,7 +94,7 @@ class SegResNetEncoder(Encoder):
             in_channels=in_chans,
             out_channels=1,
             blocks_down=tuple(blocks_down),
-            num_groups=min(8, init_filters),
+            norm=("GROUP", {"num_groups": min(8, init_filters)}),
         )
         del net.up_layers, net.up_samples, net.conv_final
         self.net = net
@@ -214,6 +214,10 @@ class ViTEncoder(Encoder):
             num_heads=num_heads,
             classification=False,
         )
+        # MONAI builds each block's cross-attention norm even without cross-attention: frozen,
+        # so no parameter goes without a gradient (DDP refuses that) and checkpoints still load
+        for block in self.vit.blocks:
+            block.norm_cross_attn.requires_grad_(False)
         self.grid = tuple(int(s) // int(p) for s, p in zip(img_size, patch_size, strict=True))
         self.in_chans = in_chans
         self.num_features = hidden_size

@@ -1,25 +1,32 @@
 """Stage 2 of the two-stage model: grade each of the 25 findings from a crop around its point.
 
-Every crop (a few slices of a fixed field in mm, see ``lsdc.datasets.crops``) goes through one 2D
-encoder slice by slice; the slice features are pooled by attention or a GRU, a learned embedding of
-the crop's level is added, and one head per scoring group (spinal, foraminal, subarticular) gives
-three logits. Right-sided crops arrive mirrored onto the left, so one set of weights grades both
-sides and sees twice the examples. Input ``(B, 25, S, H, W)`` in ``LABEL_COLUMNS`` order, output
-``(B, 25, 3)``: the engine's shape for every model.
+Every crop (a few slices of a fixed field in mm, see ``lsdc.datasets.crops``) becomes one feature
+vector through a crop encoder, which is what the grader names choose: ``level_grader`` runs a 2D
+ResNet on each slice and pools the slices by attention or a GRU; ``resnet3d`` and ``vit`` read the
+crop as one 3D volume (crop_slices x size x size). The rest is shared (:class:`LevelGrader`): a
+learned embedding of the crop's level is added, each crop's features are mixed with those of its
+level and its study (``context``), and one head per scoring group (spinal, foraminal,
+subarticular) gives three logits. Right-sided crops arrive mirrored onto the left, so one set of
+weights grades both sides and sees twice the examples. Input ``(B, 25, S, H, W)`` in
+``LABEL_COLUMNS`` order, output ``(B, 25, 3)``: the engine's shape for every model.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from monai.networks.nets import ResNet
 
+from lsdc.config import build_section
 from lsdc.contract import CONDITION_GROUP, CONDITIONS, LEVELS, N_CLASSES, N_LABELS
 from lsdc.errors import UserError
+from lsdc.models.encoders import Encoder, ResNetEncoder, ViTEncoder
 from lsdc.models.registry import register_model
 
 GROUPS: tuple[str, ...] = ("spinal", "foraminal", "subarticular")
@@ -33,40 +40,25 @@ LABEL_LEVEL: np.ndarray = np.array([i for _ in CONDITIONS for i in range(len(LEV
 """Level index of each of the 25 label columns."""
 
 
-class MonaiSliceEncoder(nn.Module):
-    """A 2D MONAI ResNet without its classifier: ``(N, 1, H, W)`` -> ``(N, out_features)``."""
+@dataclass(frozen=True)
+class GraderHead:
+    """The ``head`` mapping every grader takes (``model.params.head`` in a config).
 
-    def __init__(self, layers: Sequence[int], widths: Sequence[int]) -> None:
-        super().__init__()
-        self.net = ResNet(
-            block="basic",
-            layers=list(layers),
-            block_inplanes=list(widths),
-            spatial_dims=2,
-            n_input_channels=1,
-            conv1_t_size=3,
-            conv1_t_stride=1,
-            no_max_pool=True,
-            feed_forward=False,
-        )
-        self.out_features = int(widths[-1])
+    Attributes:
+        dropout: before the per-group heads.
+        context: mix into each crop's features the mean features of its level's crops and of the
+            whole study (a residual MLP). Degeneration is shared along a disc and a spine, so a
+            crop whose own signal is subtle (a foramen) borrows evidence from clearer neighbours
+            (the canal at the same disc), as a radiologist reading the study would.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    dropout: float = 0.1
+    context: bool = True
 
-
-class TimmSliceEncoder(nn.Module):
-    """Any timm backbone (offline: no pretrained download) as a one-channel slice encoder."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        import timm
-
-        self.net = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
-        self.out_features = int(self.net.num_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_mapping(cls, head: Mapping[str, Any] | None) -> GraderHead:
+        """Every key and type checked as a config key is (``model.params.head.KEY``)."""
+        return build_section(cls, dict(head or {}), "model.params.head")
 
 
 class AttentionPool(nn.Module):
@@ -96,70 +88,110 @@ class GRUPool(nn.Module):
         return out.mean(dim=1)
 
 
-class LevelGrader(nn.Module):
-    """Slice encoder + slice pooling + level embedding (+ study context) + one 3-class head per
-    scoring group.
+class SliceCropEncoder(nn.Module):
+    """A 2D backbone on every slice of a crop, then pooled over slices: ``(N, S, H, W)`` ->
+    ``(N, out_features)``.
 
     Args:
-        backbone: ``"monai_resnet"`` or ``"timm:<name>"`` (needs timm installed).
-        layers: residual blocks per stage of the MONAI ResNet.
-        widths: channel widths per stage of the MONAI ResNet.
+        backbone: ``"monai_resnet"`` (a 2D MONAI ResNet of ``layers`` x ``widths``) or
+            ``"timm:<name>"`` (needs timm; offline, no pretrained download).
         pooling: ``"attention"`` or ``"gru"`` over slices.
-        dropout: before the heads.
-        context: mix into each crop's features the mean features of its level's other crops and
-            of the whole study (a residual MLP). Degeneration is shared along a disc and a spine,
-            so a crop whose own signal is subtle (a foramen) borrows evidence from clearer
-            neighbours (the canal at the same disc), as a radiologist reading the study would.
     """
 
     def __init__(
-        self,
-        backbone: str = "monai_resnet",
-        layers: Sequence[int] = (1, 1, 1, 1),
-        widths: Sequence[int] = (16, 32, 64, 128),
-        pooling: str = "attention",
-        dropout: float = 0.1,
-        context: bool = True,
+        self, backbone: str, layers: Sequence[int], widths: Sequence[int], pooling: str
     ) -> None:
         super().__init__()
-        self.in_chans = 1
-        self.num_classes = N_CLASSES
         if backbone == "monai_resnet":
-            self.encoder: nn.Module = MonaiSliceEncoder(layers, widths)
+            self.net: nn.Module = ResNet(
+                block="basic",
+                layers=list(layers),
+                block_inplanes=list(widths),
+                spatial_dims=2,
+                n_input_channels=1,
+                conv1_t_size=3,
+                conv1_t_stride=1,
+                no_max_pool=True,
+                feed_forward=False,
+            )
+            features = int(widths[-1])
         elif backbone.startswith("timm:"):
             if importlib.util.find_spec("timm") is None:
                 raise UserError(f"backbone {backbone!r} needs timm, which is not installed")
-            self.encoder = TimmSliceEncoder(backbone.split(":", 1)[1])
+            import timm
+
+            self.net = timm.create_model(
+                backbone.split(":", 1)[1], pretrained=False, in_chans=1, num_classes=0
+            )
+            features = int(self.net.num_features)
         else:
             raise UserError(f"unknown backbone {backbone!r}; use 'monai_resnet' or 'timm:<name>'")
-        features = self.encoder.out_features
         if pooling == "attention":
             self.pool: nn.Module = AttentionPool(features)
-            pooled = features
+            self.out_features = features
         elif pooling == "gru":
             self.pool = GRUPool(features)
-            pooled = self.pool.out_features
+            self.out_features = self.pool.out_features
         else:
             raise UserError(f"unknown pooling {pooling!r}; use 'attention' or 'gru'")
-        self.num_features = pooled
-        self.level_embedding = nn.Embedding(len(LEVELS), pooled)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        n, n_slices, h, w = crops.shape
+        features = self.net(crops.reshape(n * n_slices, 1, h, w))
+        return self.pool(features.view(n, n_slices, -1))
+
+
+class VolumeCropEncoder(nn.Module):
+    """A 3D encoder on the crop as one volume, its feature map averaged: ``(N, S, H, W)`` ->
+    ``(N, out_features)``. The slices are one depth axis, so the network sees across them from
+    its first layer instead of pooling independent slice features at the end."""
+
+    def __init__(self, net: Encoder) -> None:
+        super().__init__()
+        self.net = net
+        self.out_features = int(net.num_features)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(crops.unsqueeze(1)).mean(dim=(2, 3, 4))
+
+
+class LevelGrader(nn.Module):
+    """Crop encoder + level embedding (+ level and study context) + one 3-class head per scoring
+    group.
+
+    Args:
+        encoder: crops ``(N, S, H, W)`` -> ``(N, out_features)``.
+        crop_shape: (S, H, W) of every crop (the task's ``crop_slices``, ``crop_size``).
+        head: dropout and context (:class:`GraderHead`).
+    """
+
+    def __init__(self, encoder: nn.Module, crop_shape: Sequence[int], head: GraderHead) -> None:
+        super().__init__()
+        self.in_chans = 1
+        self.num_classes = N_CLASSES
+        self.crop_shape = tuple(int(s) for s in crop_shape)
+        self.encoder = encoder
+        features = int(encoder.out_features)
+        self.num_features = features
+        self.level_embedding = nn.Embedding(len(LEVELS), features)
         self.context = (
-            nn.Sequential(nn.Linear(3 * pooled, pooled), nn.GELU(), nn.Linear(pooled, pooled))
-            if context
+            nn.Sequential(
+                nn.Linear(3 * features, features), nn.GELU(), nn.Linear(features, features)
+            )
+            if head.context
             else None
         )
-        self.dropout = nn.Dropout(dropout)
-        self.heads = nn.Linear(pooled, len(GROUPS) * N_CLASSES)
+        self.dropout = nn.Dropout(head.dropout)
+        self.heads = nn.Linear(features, len(GROUPS) * N_CLASSES)
         self.register_buffer("label_group", torch.as_tensor(LABEL_GROUP), persistent=False)
         self.register_buffer("label_level", torch.as_tensor(LABEL_LEVEL), persistent=False)
 
     def forward_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(B, L, S, H, W)`` crops -> pooled, level-embedded features ``(B, L, F)``."""
-        b, n_labels, n_slices, h, w = crops.shape
-        features = self.encoder(crops.reshape(b * n_labels * n_slices, 1, h, w))
-        pooled = self.pool(features.view(b * n_labels, n_slices, -1)).view(b, n_labels, -1)
+        """``(B, L, S, H, W)`` crops -> encoded, level-embedded features ``(B, L, F)``."""
+        b, n_labels = crops.shape[:2]
+        encoded = self.encoder(crops.flatten(0, 1)).view(b, n_labels, -1)
         levels = self.label_level[:n_labels]
-        own = pooled + self.level_embedding(levels)
+        own = encoded + self.level_embedding(levels)
         if self.context is None:
             return own
         level_sum = own.new_zeros(b, len(LEVELS), own.shape[-1]).index_add(1, levels, own)
@@ -180,28 +212,78 @@ class LevelGrader(nn.Module):
         return self.forward_head(self.forward_features(crops))
 
     def example_input(self, batch_size: int) -> tuple[torch.Tensor]:
-        """25 crops of 3 slices of 16 x 16 pixels per study."""
-        return (torch.randn(batch_size, N_LABELS, 3, 16, 16),)
+        """25 crops of ``crop_shape`` per study."""
+        return (torch.randn(batch_size, N_LABELS, *self.crop_shape),)
 
     def output_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, N_LABELS, N_CLASSES)
 
 
-@register_model
+HeadMapping = Mapping[str, Any] | None
+"""A grader's ``head`` argument: keys of :class:`GraderHead` (None: its defaults)."""
+
+
+@register_model(role="grader")
 def level_grader(
+    crop_shape: Sequence[int] = (3, 16, 16),
+    head: HeadMapping = None,
     backbone: str = "monai_resnet",
     layers: Sequence[int] = (1, 1, 1, 1),
     widths: Sequence[int] = (16, 32, 64, 128),
     pooling: str = "attention",
-    dropout: float = 0.1,
-    context: bool = True,
 ) -> LevelGrader:
-    """Stage-2 crop grader (see :class:`LevelGrader`)."""
+    """The default grader: a 2D ResNet on every crop slice, pooled over slices
+    (:class:`SliceCropEncoder`)."""
     return LevelGrader(
-        backbone=backbone,
-        layers=layers,
-        widths=widths,
-        pooling=pooling,
-        dropout=dropout,
-        context=context,
+        SliceCropEncoder(backbone, layers, widths, pooling),
+        crop_shape,
+        GraderHead.from_mapping(head),
+    )
+
+
+@register_model(role="grader")
+def resnet3d(
+    crop_shape: Sequence[int] = (3, 16, 16),
+    head: HeadMapping = None,
+    layers: Sequence[int] = (1, 1, 1, 1),
+    widths: Sequence[int] = (16, 32, 64, 128),
+) -> LevelGrader:
+    """A 3D MONAI ResNet on the crop volume: a 3-voxel stem of stride 1 and no max pool (a crop is
+    only a few slices deep), then four stages of ``widths``, each after the first halving every
+    axis; the map is averaged."""
+    return LevelGrader(
+        VolumeCropEncoder(
+            ResNetEncoder(
+                1, widths, layers, stem_kernel=3, no_max_pool=True, stem_stride=1, stages=4
+            )
+        ),
+        crop_shape,
+        GraderHead.from_mapping(head),
+    )
+
+
+@register_model(role="grader")
+def vit(
+    crop_shape: Sequence[int] = (3, 16, 16),
+    head: HeadMapping = None,
+    patch_size: Sequence[int] = (1, 8, 8),
+    hidden_size: int = 64,
+    mlp_dim: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+) -> LevelGrader:
+    """A MONAI ViT on the crop volume, its patch tokens averaged. The default patch is one slice
+    deep, so any ``crop_slices`` works and attention mixes the slices; ``crop_size`` must be a
+    multiple of the in-plane patch."""
+    if any(int(s) % int(p) for s, p in zip(crop_shape, patch_size, strict=True)):
+        raise UserError(
+            f"vit grader: the crop (crop_slices, crop_size, crop_size) = {tuple(crop_shape)} is "
+            f"not divisible by patch_size {tuple(patch_size)}"
+        )
+    return LevelGrader(
+        VolumeCropEncoder(
+            ViTEncoder(1, crop_shape, patch_size, hidden_size, mlp_dim, num_layers, num_heads)
+        ),
+        crop_shape,
+        GraderHead.from_mapping(head),
     )

@@ -1,74 +1,104 @@
 """Stage 1 of the two-stage model: find every finding's centre in a series, as 3D heatmaps.
 
-A MONAI BasicUNet reads one stack resampled onto a fixed voxel grid and writes one heatmap per
-label column (25: the canal, both foramina and both lateral recesses at five levels). A spatial
-softmax turns each heatmap into a probability over voxels and its expectation (soft-argmax) into a
-sub-voxel point, so the network is trained on the coordinates themselves and still sees a dense
-target. Points are in the grid's voxel units; the caller maps them back to patient millimetres
-through the stack's geometry, which lets points from different series be fused.
+A dense 3D MONAI network reads one stack resampled onto a fixed voxel grid and writes one heatmap
+per label column (25: the canal, both foramina and both lateral recesses at five levels). A
+spatial softmax turns each heatmap into a probability over voxels and its expectation
+(soft-argmax) into a sub-voxel point, so the network is trained on the coordinates themselves and
+still sees a dense target. Points are in the grid's voxel units; the caller maps them back to
+patient millimetres through the stack's geometry, which lets points from different series be fused.
+
+The network is chosen by name (``task_params.localizer.name``) among the ``localizer`` models
+registered below: ``basicunet`` (the default), ``unet``, ``segresnet``, ``dynunet`` and
+``swinunetr``. Every one goes through :class:`HeatmapLocalizer`, which hides their quirks: the
+coordinate channels, zero padding up to the multiple of the grid a network needs (cropped off
+again, so no heatmap is resampled), and DynUNet's deep-supervision outputs in training.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet
 
 from lsdc.contract import N_LABELS
+from lsdc.errors import UserError
 from lsdc.models.registry import register_model
+
+IN_CHANNELS = 4
+"""The image and one normalised coordinate channel per axis of the 3D grid."""
 
 
 class HeatmapLocalizer(nn.Module):
-    """BasicUNet -> ``n_points`` heatmaps over the input grid -> soft-argmax points.
+    """A dense network -> ``n_points`` heatmaps over the input grid (the one stage-1 interface).
 
     Args:
+        net: maps ``(B, IN_CHANNELS, *padded)`` to ``(B, n_points, *padded)``; in training, when
+            ``deep_supervision`` > 0, to ``(B, 1 + deep_supervision, n_points, *padded)`` (MONAI
+            DynUNet's stacked outputs, each already at full size).
         n_points: heatmap channels (one per point to find).
-        features: BasicUNet's six feature widths; small widths suit the CPU demo.
-        spatial_dims: 3 for a stack (slices, rows, cols), 2 for a single image.
+        grid: the (D, H, W) grid the localizer is built for (``data.volume_size``).
+        size_multiple: every padded axis is a multiple of it (the network's total stride).
+        deep_supervision: extra lower-resolution heads the network outputs in training.
     """
 
     def __init__(
         self,
-        n_points: int = N_LABELS,
-        features: Sequence[int] = (8, 16, 32, 64, 64, 8),
-        spatial_dims: int = 3,
+        net: nn.Module,
+        n_points: int,
+        grid: Sequence[int],
+        size_multiple: int = 1,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
+        self.net = net
         self.n_points = n_points
-        self.spatial_dims = spatial_dims
-        self.net = BasicUNet(
-            spatial_dims=spatial_dims,
-            in_channels=1 + spatial_dims,
-            out_channels=n_points,
-            features=features,
-        )
+        self.grid = tuple(int(g) for g in grid)
+        self.size_multiple = int(size_multiple)
+        self.deep_supervision = int(deep_supervision)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, *grid)`` -> heatmap logits ``(B, n_points, *grid)``.
+    def padded_grid(self, grid: Sequence[int]) -> tuple[int, ...]:
+        """The grid the network runs on: each axis rounded up to ``size_multiple``."""
+        m = self.size_multiple
+        return tuple(math.ceil(int(n) / m) * m for n in grid)
+
+    def heatmaps(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 1, *grid)`` -> heatmap logits ``(B, n_points, *grid)``: the output, then (in
+        training only) each deep-supervision head's, coarsest last.
 
         The image goes in with one channel of normalised coordinates per axis: left and right
         foramina look alike, and a purely convolutional net could only tell them apart by its
         distance to the padding, so its heatmap would split between both and the soft-argmax
-        would land on the midline.
+        would land on the midline. The coordinates run on over the zero padding, which is cut
+        off the output again.
         """
-        axes = [torch.linspace(-1.0, 1.0, n, device=image.device) for n in image.shape[2:]]
+        grid = image.shape[2:]
+        padded = self.padded_grid(grid)
+        axes = [
+            -1.0 + 2.0 * torch.arange(p, device=image.device, dtype=torch.float32) / max(n - 1, 1)
+            for n, p in zip(grid, padded, strict=True)
+        ]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).to(image.dtype)
         coords = coords.unsqueeze(0).expand(image.shape[0], *coords.shape)
-        return self.net(torch.cat([image, coords], dim=1))
+        pad = [a for n, p in zip(reversed(grid), reversed(padded), strict=True) for a in (0, p - n)]
+        out = self.net(torch.cat([F.pad(image, pad), coords], dim=1))
+        crop = (..., *(slice(0, n) for n in grid))
+        if self.training and self.deep_supervision:
+            return [o[crop] for o in out.unbind(1)]
+        return [out[crop]]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *grid)`` -> heatmap logits ``(B, n_points, *grid)`` (the main output)."""
+        return self.heatmaps(image)[0]
 
     def example_input(self, batch_size: int) -> tuple[torch.Tensor]:
-        """A small valid input: BasicUNet pools four times and instance-normalises the result,
-        so each axis needs 16 voxels and the bottleneck more than one."""
-        return (torch.randn(batch_size, 1, *self._example_grid()),)
+        return (torch.randn(batch_size, 1, *self.grid),)
 
     def output_shape(self, batch_size: int) -> tuple[int, ...]:
-        return (batch_size, self.n_points, *self._example_grid())
-
-    def _example_grid(self) -> tuple[int, ...]:
-        return (16, 32, 32)[-self.spatial_dims :]
+        return (batch_size, self.n_points, *self.grid)
 
 
 def heatmap_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -141,11 +171,149 @@ def localizer_loss(
     return (divergence + coordinate_weight * l1).mean()
 
 
-@register_model
-def localizer(
+def heads_loss(
+    heads: Sequence[torch.Tensor], points: torch.Tensor, mask: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """:func:`localizer_loss` of the output and of every deep-supervision head (the list
+    :meth:`HeatmapLocalizer.heatmaps` gives), head k at half the weight of head k - 1 and the
+    weights summing to one (nnU-Net's rule), so the loss keeps the scale of a single head's."""
+    weights = [0.5**k for k in range(len(heads))]
+    total = sum(
+        w * localizer_loss(h, points, mask, sigma=sigma)
+        for w, h in zip(weights, heads, strict=True)
+    )
+    return total / sum(weights)
+
+
+def _check_bottleneck(name: str, grid: Sequence[int], stride: int) -> None:
+    """Refuse a grid whose deepest map is one voxel: instance norm cannot normalise it."""
+    cells = math.prod(math.ceil(int(n) / stride) for n in grid)
+    if cells < 2:
+        raise UserError(
+            f"config key 'data.volume_size' {list(grid)}: the {name} localizer down-samples by "
+            f"{stride}, leaving a one-voxel bottleneck; give one axis at least {2 * stride} voxels"
+        )
+
+
+@register_model(role="localizer")
+def basicunet(
     n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
     features: Sequence[int] = (8, 16, 32, 64, 64, 8),
-    spatial_dims: int = 3,
 ) -> HeatmapLocalizer:
-    """Stage-1 heatmap localizer (see :class:`HeatmapLocalizer`)."""
-    return HeatmapLocalizer(n_points=n_points, features=tuple(features), spatial_dims=spatial_dims)
+    """MONAI BasicUNet (the default): four max-pools, six feature widths (the last is the
+    decoder's output width)."""
+    _check_bottleneck("basicunet", grid, 16)
+    net = BasicUNet(
+        spatial_dims=3, in_channels=IN_CHANNELS, out_channels=n_points, features=tuple(features)
+    )
+    return HeatmapLocalizer(net, n_points, grid, size_multiple=16)
+
+
+@register_model(role="localizer")
+def unet(
+    n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
+    channels: Sequence[int] = (8, 16, 32, 64),
+    num_res_units: int = 1,
+) -> HeatmapLocalizer:
+    """MONAI UNet: ``len(channels)`` levels, each after the first at stride 2 (strided
+    convolutions), ``num_res_units`` residual units per level."""
+    stride = 2 ** (len(channels) - 1)
+    _check_bottleneck("unet", grid, stride)
+    net = UNet(
+        spatial_dims=3,
+        in_channels=IN_CHANNELS,
+        out_channels=n_points,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=num_res_units,
+    )
+    return HeatmapLocalizer(net, n_points, grid, size_multiple=stride)
+
+
+@register_model(role="localizer")
+def segresnet(
+    n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
+    init_filters: int = 8,
+    blocks_down: Sequence[int] = (1, 2, 2, 4),
+) -> HeatmapLocalizer:
+    """MONAI SegResNet (group norm, residual blocks; ``init_filters`` doubles at each of the
+    ``len(blocks_down) - 1`` down-samplings)."""
+    stride = 2 ** (len(blocks_down) - 1)
+    net = SegResNet(
+        spatial_dims=3,
+        init_filters=init_filters,
+        in_channels=IN_CHANNELS,
+        out_channels=n_points,
+        blocks_down=tuple(blocks_down),
+        blocks_up=(1,) * (len(blocks_down) - 1),
+        norm=("GROUP", {"num_groups": min(8, init_filters)}),
+    )
+    return HeatmapLocalizer(net, n_points, grid, size_multiple=stride)
+
+
+@register_model(role="localizer")
+def dynunet(
+    n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
+    filters: Sequence[int] = (8, 16, 32, 64),
+    kernel_size: int = 3,
+    deep_supervision: int = 2,
+) -> HeatmapLocalizer:
+    """MONAI DynUNet (nnU-Net's network; residual blocks, ``len(filters)`` levels at stride 2).
+
+    ``deep_supervision`` extra heads (0 to ``len(filters) - 2``) are trained on the same
+    heatmap target at half the weight of the next finer one (nnU-Net's rule); they exist in
+    training only, served heatmaps are the main output's.
+    """
+    n = len(filters)
+    if not 0 <= deep_supervision <= n - 2:
+        raise UserError(
+            f"dynunet deep_supervision must be 0 to {n - 2} (len(filters) - 2), got {deep_supervision}"
+        )
+    strides = [1] + [2] * (n - 1)
+    _check_bottleneck("dynunet", grid, 2 ** (n - 1))
+    net = DynUNet(
+        spatial_dims=3,
+        in_channels=IN_CHANNELS,
+        out_channels=n_points,
+        kernel_size=[kernel_size] * n,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=list(filters),
+        res_block=True,
+        deep_supervision=deep_supervision > 0,
+        deep_supr_num=max(deep_supervision, 1),
+    )
+    return HeatmapLocalizer(
+        net, n_points, grid, size_multiple=2 ** (n - 1), deep_supervision=deep_supervision
+    )
+
+
+@register_model(role="localizer")
+def swinunetr(
+    n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
+    feature_size: int = 12,
+    depths: Sequence[int] = (1, 1, 1, 1),
+    num_heads: Sequence[int] = (1, 2, 4, 8),
+    window_size: int = 4,
+) -> HeatmapLocalizer:
+    """MONAI SwinUNETR. Its patch embedding and four patch mergings need every axis divisible
+    by 32, so the grid is zero-padded up to the next multiple of 32 (a 16 x 32 x 32 grid runs
+    as 32 x 32 x 32, at twice the cost) rather than resampled. Group norm replaces instance norm,
+    which cannot normalise the one-voxel stride-32 map of a 32-voxel axis."""
+    if feature_size % 12:
+        raise UserError(f"swinunetr feature_size must be a multiple of 12, got {feature_size}")
+    net = SwinUNETR(
+        in_channels=IN_CHANNELS,
+        out_channels=n_points,
+        feature_size=feature_size,
+        depths=tuple(depths),
+        num_heads=tuple(num_heads),
+        window_size=window_size,
+        norm_name=("group", {"num_groups": 12}),
+    )
+    return HeatmapLocalizer(net, n_points, grid, size_multiple=32)

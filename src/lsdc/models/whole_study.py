@@ -3,20 +3,23 @@ metadata, to 25 x 3 logits.
 
 A global average pool would throw away which level is which (the five levels lie at different
 heights of every series), so the head keeps the cells of each series' feature map: either pooled
-to a small grid (``head: grid``, ``pool_grid``) and read by one MLP, or as tokens that 25 label
-queries attend over (``head: attention``). One registered name per MONAI encoder; the names
-differ only in the encoder they build, so every architecture trains through the same heads.
+to a small grid (``kind: grid``, ``pool_grid``) and read by one MLP, or as tokens that 25 label
+queries attend over (``kind: attention``), set by one ``head`` mapping (:class:`WholeStudyHead`).
+One registered name per MONAI encoder; the names differ only in the encoder they build, so every
+architecture trains through the same heads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from lsdc.config import build_section
 from lsdc.contract import N_CLASSES, N_LABELS
 from lsdc.errors import UserError
 from lsdc.models.encoders import (
@@ -33,6 +36,38 @@ HEADS = ("grid", "attention")
 """``grid``: every series pooled to ``pool_grid`` cells, one MLP over all cells. ``attention``:
 one learned query per label attends over every cell of every series (plus a position
 embedding), so each label can look up its own level and side."""
+
+
+@dataclass(frozen=True)
+class WholeStudyHead:
+    """The ``head`` mapping every whole-study model takes (``model.params.head`` in a config).
+
+    Attributes:
+        kind: one of :data:`HEADS`.
+        pool_grid: cells (d, h, w) each series' feature map is average-pooled to (grid only).
+        hidden: width of the grid head's hidden layer, or of the attention head's tokens.
+        dropout: dropout inside the head.
+        attention_heads: heads of the attention head's multi-head attention (attention only).
+    """
+
+    kind: str = "grid"
+    pool_grid: tuple[int, int, int] = (2, 2, 2)
+    hidden: int = 64
+    dropout: float = 0.2
+    attention_heads: int = 4
+
+    @classmethod
+    def from_mapping(
+        cls, head: Mapping[str, Any] | None, defaults: WholeStudyHead | None = None
+    ) -> WholeStudyHead:
+        """``head`` over ``defaults`` (the architecture's), every key and type checked as a config
+        key is (an unknown key raises a ConfigError naming ``model.params.head.KEY``)."""
+        base = defaults if defaults is not None else cls()
+        given = build_section(cls, dict(head or {}), "model.params.head")
+        spec = replace(base, **{k: getattr(given, k) for k in (head or {})})
+        if spec.kind not in HEADS:
+            raise UserError(f"unknown head kind {spec.kind!r}; choose one of {list(HEADS)}")
+        return spec
 
 
 def _feature_grid(encoder: Encoder, img_size: Sequence[int]) -> tuple[int, ...]:
@@ -110,7 +145,9 @@ class LabelAttentionHead(nn.Module):
         self.num_features = channels
         self.n_meta = n_meta
         self.project = nn.Linear(channels, dim)
-        self.position = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
+        # unit scale, like the projected cells: at ViT's 0.02 the cells drown their position and
+        # the label queries stay stuck attending evenly (tests/test_models.py, own cells)
+        self.position = nn.Parameter(torch.randn(n_tokens, dim))
         self.queries = nn.Parameter(torch.randn(N_LABELS, dim) * 0.02)
         self.norm_tokens = nn.LayerNorm(dim)
         self.attention = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
@@ -151,11 +188,7 @@ class WholeStudyNet(nn.Module):
         n_meta: length M of the metadata vector (0: no metadata).
         shared_encoder: one encoder for every series, told apart by a learned series embedding
             added to its feature map; otherwise one encoder per series.
-        pool_grid: cells (d, h, w) each series' feature map is average-pooled to (grid head).
-        hidden: width of the head's hidden layer (grid) or of its tokens (attention).
-        dropout: dropout inside the head.
-        head: one of :data:`HEADS`.
-        attention_heads: heads of the attention head's multi-head attention.
+        head: how the feature maps become logits (:class:`WholeStudyHead`).
     """
 
     num_classes = N_CLASSES
@@ -167,15 +200,9 @@ class WholeStudyNet(nn.Module):
         n_series: int = 3,
         n_meta: int = 0,
         shared_encoder: bool = False,
-        pool_grid: Sequence[int] = (2, 2, 2),
-        hidden: int = 128,
-        dropout: float = 0.2,
-        head: str = "grid",
-        attention_heads: int = 4,
+        head: WholeStudyHead = WholeStudyHead(),
     ) -> None:
         super().__init__()
-        if head not in HEADS:
-            raise UserError(f"unknown head {head!r}; choose one of {list(HEADS)}")
         n_encoders = 1 if shared_encoder else n_series
         self.encoders = nn.ModuleList(make_encoder() for _ in range(n_encoders))
         channels = self.encoders[0].num_features
@@ -186,12 +213,14 @@ class WholeStudyNet(nn.Module):
         self.n_series = n_series
         self.n_meta = n_meta
         self.in_chans = n_series
-        if head == "grid":
-            self.head = GridPoolHead(channels, n_series, n_meta, pool_grid, hidden, dropout)
+        if head.kind == "grid":
+            self.head = GridPoolHead(
+                channels, n_series, n_meta, head.pool_grid, head.hidden, head.dropout
+            )
         else:
             grid = _feature_grid(self.encoders[0], self.img_size)
             self.head = LabelAttentionHead(
-                channels, [grid] * n_series, n_meta, hidden, attention_heads, dropout
+                channels, [grid] * n_series, n_meta, head.hidden, head.attention_heads, head.dropout
             )
         self.num_features = self.head.num_features
 
@@ -225,25 +254,8 @@ class WholeStudyNet(nn.Module):
         return (batch_size, N_LABELS, N_CLASSES)
 
 
-HEAD_KEYS: tuple[str, ...] = (
-    "img_size",
-    "n_series",
-    "n_meta",
-    "shared_encoder",
-    "pool_grid",
-    "hidden",
-    "dropout",
-    "head",
-    "attention_heads",
-)
-"""Constructor arguments every architecture passes on to :class:`WholeStudyNet` unchanged."""
-
-
-def _head_kwargs(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`WholeStudyNet` keywords among a constructor's arguments (its ``locals()``):
-    each registered constructor spells out every argument, so config keys are checked against
-    its signature, and hands the shared ones on through here."""
-    return {key: arguments[key] for key in HEAD_KEYS}
+HeadMapping = Mapping[str, Any] | None
+"""A constructor's ``head`` argument: keys of :class:`WholeStudyHead` (None: its defaults)."""
 
 
 @register_model
@@ -252,11 +264,7 @@ def resnet3d(
     n_series: int = 3,
     n_meta: int = 0,
     shared_encoder: bool = False,
-    pool_grid: Sequence[int] = (2, 2, 2),
-    hidden: int = 64,
-    dropout: float = 0.2,
-    head: str = "grid",
-    attention_heads: int = 4,
+    head: HeadMapping = None,
     widths: Sequence[int] = (8, 16, 32, 32),
     layers: Sequence[int] = (1, 1, 1, 1),
     stem_kernel: int = 7,
@@ -269,10 +277,13 @@ def resnet3d(
     The total stride is ``stem_stride`` x 2 (max pool, unless ``no_max_pool``) x 2 per stage
     after the first of ``stages``: lower it to keep a feature map fine enough to tell the levels
     apart (e.g. ``no_max_pool`` + ``stages: 3``: stride 8, a 2 x 8 x 8 map of 16 x 64 x 64)."""
-    arguments = dict(locals())
     return WholeStudyNet(
         lambda: ResNetEncoder(1, widths, layers, stem_kernel, no_max_pool, stem_stride, stages),
-        **_head_kwargs(arguments),
+        img_size,
+        n_series,
+        n_meta,
+        shared_encoder,
+        WholeStudyHead.from_mapping(head),
     )
 
 
@@ -282,20 +293,23 @@ def segresnet(
     n_series: int = 3,
     n_meta: int = 0,
     shared_encoder: bool = False,
-    pool_grid: Sequence[int] = (2, 2, 2),
-    hidden: int = 64,
-    dropout: float = 0.2,
-    head: str = "grid",
-    attention_heads: int = 4,
+    head: HeadMapping = None,
     init_filters: int = 8,
     blocks_down: Sequence[int] = (1, 1, 1, 1),
 ) -> WholeStudyNet:
     """Whole-study net on MONAI SegResNet's encoder."""
-    arguments = dict(locals())
     return WholeStudyNet(
         lambda: SegResNetEncoder(1, init_filters, blocks_down),
-        **_head_kwargs(arguments),
+        img_size,
+        n_series,
+        n_meta,
+        shared_encoder,
+        WholeStudyHead.from_mapping(head),
     )
+
+
+SWIN_HEAD = WholeStudyHead(pool_grid=(1, 1, 1))
+"""swinunetr's head defaults: its stride-32 map of a 32 x 32 x 32 series is one cell."""
 
 
 @register_model
@@ -304,21 +318,20 @@ def swinunetr(
     n_series: int = 3,
     n_meta: int = 0,
     shared_encoder: bool = True,
-    pool_grid: Sequence[int] = (1, 1, 1),
-    hidden: int = 64,
-    dropout: float = 0.2,
-    head: str = "grid",
-    attention_heads: int = 4,
+    head: HeadMapping = None,
     feature_size: int = 12,
     depths: Sequence[int] = (1, 1, 1, 1),
     num_heads: Sequence[int] = (1, 2, 4, 8),
     window_size: int = 4,
 ) -> WholeStudyNet:
     """Whole-study net on MONAI SwinUNETR's Swin transformer (sizes divisible by 32)."""
-    arguments = dict(locals())
     return WholeStudyNet(
         lambda: SwinEncoder(1, img_size, feature_size, depths, num_heads, window_size),
-        **_head_kwargs(arguments),
+        img_size,
+        n_series,
+        n_meta,
+        shared_encoder,
+        WholeStudyHead.from_mapping(head, SWIN_HEAD),
     )
 
 
@@ -328,19 +341,18 @@ def dynunet(
     n_series: int = 3,
     n_meta: int = 0,
     shared_encoder: bool = False,
-    pool_grid: Sequence[int] = (2, 2, 2),
-    hidden: int = 64,
-    dropout: float = 0.2,
-    head: str = "grid",
-    attention_heads: int = 4,
+    head: HeadMapping = None,
     filters: Sequence[int] = (8, 16, 32, 32),
     kernel_size: int = 3,
 ) -> WholeStudyNet:
     """Whole-study net on MONAI DynUNet's encoder path (residual blocks)."""
-    arguments = dict(locals())
     return WholeStudyNet(
         lambda: DynUNetEncoder(1, filters, kernel_size),
-        **_head_kwargs(arguments),
+        img_size,
+        n_series,
+        n_meta,
+        shared_encoder,
+        WholeStudyHead.from_mapping(head),
     )
 
 
@@ -350,11 +362,7 @@ def vit(
     n_series: int = 3,
     n_meta: int = 0,
     shared_encoder: bool = True,
-    pool_grid: Sequence[int] = (2, 2, 2),
-    hidden: int = 64,
-    dropout: float = 0.2,
-    head: str = "grid",
-    attention_heads: int = 4,
+    head: HeadMapping = None,
     patch_size: Sequence[int] = (8, 8, 8),
     hidden_size: int = 64,
     mlp_dim: int = 128,
@@ -362,8 +370,11 @@ def vit(
     num_heads: int = 4,
 ) -> WholeStudyNet:
     """Whole-study net on MONAI ViT's patch tokens, folded back into a grid."""
-    arguments = dict(locals())
     return WholeStudyNet(
         lambda: ViTEncoder(1, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads),
-        **_head_kwargs(arguments),
+        img_size,
+        n_series,
+        n_meta,
+        shared_encoder,
+        WholeStudyHead.from_mapping(head),
     )

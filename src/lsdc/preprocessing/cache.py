@@ -6,17 +6,24 @@ one ``.npy`` per stack plus a JSON sidecar with its geometry. Training and infer
 memory map. docs/cache.md documents the layout; docs/ARCHITECTURE.md states the API.
 
 Entries are atomic per series: a series is written into a hidden temporary folder beside its
-final place and renamed into place only when complete, so a kill at any moment leaves either the
-whole series or nothing (plus a temporary folder that the next run deletes). A rerun processes
-only the series that have no entry yet and ends with a cache identical to an uninterrupted run.
+final place and renamed into place only when complete (every file its record lists present, with
+the size recorded), so a kill at any moment leaves either the whole series or nothing (plus a
+temporary folder that the next run deletes). One run at a time writes a cache (an advisory lock,
+``preprocess.lock``); a rerun checks every entry against its record, redoes the broken ones and
+the missing ones, and ends with a cache identical to an uninterrupted run. docs/reliability.md
+lists these promises and the tests that hold them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +36,18 @@ from tqdm import tqdm
 from lsdc.contract import SPLITS, load_series_descriptions, write_csv_atomic
 from lsdc.errors import UserError
 from lsdc.preprocessing.dicom import SeriesReadError, Volume, read_series
-from lsdc.preprocessing.geometry import StackGeometry
-from lsdc.utils import read_json, write_json_atomic
+from lsdc.preprocessing.geometry import StackGeometry, canonical_in_plane
+from lsdc.utils import atomic_path, check_output_dir, init_worker, read_json, write_json_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Version of the cache layout: 2 puts every stack in the canonical in-plane orientation and
+resamples (``--spacing``) over the full extent; a cache of another format is refused."""
 SERIES_RECORD = "series.json"
-"""Per-series record (its report rows); present exactly when the series entry is complete."""
+"""Per-series record: its report rows and the size of every file of the entry; present exactly
+when the series entry is complete."""
+LOCK_NAME = "preprocess.lock"
+"""The writer's lock file: ``flock``-ed by the run writing the cache, holding its pid (empty when
+no run holds it). The kernel drops the lock when its holder dies, so a killed run leaves none."""
 
 REPORT_COLUMNS = [
     "study_id",
@@ -65,9 +78,10 @@ class CachedStack:
 
     Attributes:
         array: (n_slices, rows, cols), a read-only memory map unless loaded with ``mmap=False``.
-        geometry: geometry of ``array`` (after any resampling).
-        source_geometry: geometry as read from the DICOM; the pixel coordinates of the CSVs
-            (instance_number, x, y) live here.
+        geometry: geometry of ``array``: in the canonical in-plane orientation (see
+            :func:`lsdc.preprocessing.geometry.canonical_flips`), after any resampling.
+        source_geometry: geometry as read from the DICOM (rows and columns as stored); the
+            pixel coordinates of the CSVs (instance_number, x, y) live here.
         meta: series_description, slice_thickness, spacing_between_slices, pixel_spacing, rows,
             columns (of the DICOM), manufacturer, field_strength, photometric_interpretation,
             transfer_syntax, slice_spacing.
@@ -147,6 +161,63 @@ def best_stacks(index: pd.DataFrame) -> pd.DataFrame:
     return best.reset_index(drop=True)
 
 
+# ----------------------------------------------------------------------------- derived files
+DERIVED_FORMAT = 1
+"""Version of what a derived file holds (part of its name): bump it when the computation that
+makes one changes, so that older files are ignored rather than served."""
+
+
+def series_grid_path(
+    cache_dir: str | Path, study_id: int, description: str, shape: Sequence[int]
+) -> Path:
+    """Where the study's ``description`` series on a ``shape`` grid is kept once computed:
+    ``{study_id}/grid{DERIVED_FORMAT}-{description}-{S}x{R}x{C}.npz``, the description in
+    lower case with every other character a dash (``grid1-sagittal-t2-stir-32x128x128.npz``)."""
+    slug = "".join(c if c.isalnum() else "-" for c in description.lower())
+    size = "x".join(str(int(n)) for n in shape)
+    return Path(cache_dir) / str(int(study_id)) / f"grid{DERIVED_FORMAT}-{slug}-{size}.npz"
+
+
+def stack_fingerprint(cache_dir: str | Path, keys: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """``(len(keys), 4)`` int64: series_id, stack, byte size and modification time (ns) of each
+    ``(study_id, series_id, stack)`` array; a stack cached again, or another set of stacks,
+    gives another fingerprint."""
+    rows = []
+    for study_id, series_id, stack in keys:
+        info = stack_paths(cache_dir, study_id, series_id, stack)[0].stat()
+        rows.append((series_id, stack, info.st_size, info.st_mtime_ns))
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def read_derived(path: Path, fingerprint: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The arrays of a derived file; None when it is missing, unreadable, or was made from
+    other stacks than ``fingerprint`` says (the caller computes it again)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, EOFError):
+        return None
+    made_from = arrays.pop("fingerprint", None)
+    if made_from is None or not np.array_equal(made_from, fingerprint):
+        return None
+    return arrays
+
+
+def write_derived(path: Path, fingerprint: np.ndarray, **arrays: np.ndarray) -> bool:
+    """Write a derived file atomically (with the fingerprint of the stacks it was made from).
+
+    Returns:
+        False, having written nothing, where the cache cannot be written (a read-only cache is
+        served by computing again on every read).
+    """
+    try:
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:
+            np.savez(handle, fingerprint=fingerprint, **arrays)
+    except OSError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------- resampling
 def resample_stack(
     array: np.ndarray, geometry: StackGeometry, spacing: Sequence[float]
@@ -155,16 +226,20 @@ def resample_stack(
     ``enable_spatial_scaling``), returning the new array and its exact geometry.
 
     The slice axis follows the actual slice offsets, so uneven gaps are resampled correctly.
-    Integer stacks stay in their dtype (rounded); the extent starts at voxel (0, 0, 0) and ends
-    at or before the last source voxel.
+    Integer stacks stay in their dtype (rounded). The extent starts at voxel (0, 0, 0) and keeps
+    the whole source: along each axis the last sample lies at or (by less than one step) beyond
+    the last source voxel, and such overhanging samples take the edge value, so a crop near the
+    stack's far edge reads the same image as on the source grid, never planes of zeros.
     """
     s_mm, r_mm, c_mm = (float(x) for x in spacing)
-    distance = np.abs(geometry.slice_offsets)
-    slice_coords = np.interp(
-        np.arange(0.0, distance[-1] + 1e-6, s_mm), distance, np.arange(len(distance))
+    offsets = geometry.slice_offsets
+    along = 1.0 if offsets[-1] >= 0 else -1.0
+    targets = geometry.positions[0] + np.outer(
+        along * _samples(abs(offsets[-1]), s_mm), geometry.normal
     )
-    row_coords = np.arange(0.0, (array.shape[1] - 1) * geometry.pixel_spacing[0] + 1e-6, r_mm)
-    col_coords = np.arange(0.0, (array.shape[2] - 1) * geometry.pixel_spacing[1] + 1e-6, c_mm)
+    slice_coords = geometry.patient_to_voxel(targets)[:, 0]
+    row_coords = _samples((array.shape[1] - 1) * geometry.pixel_spacing[0], r_mm)
+    col_coords = _samples((array.shape[2] - 1) * geometry.pixel_spacing[1], c_mm)
     out = _lerp_axis(array.astype(np.float32, copy=False), slice_coords, 0)
     out = _lerp_axis(out, row_coords / geometry.pixel_spacing[0], 1)
     out = _lerp_axis(out, col_coords / geometry.pixel_spacing[1], 2)
@@ -184,11 +259,18 @@ def resample_stack(
     return np.ascontiguousarray(out), resampled
 
 
+def _samples(extent_mm: float, step_mm: float) -> np.ndarray:
+    """Sample positions 0, step, 2 step, ... up to the first at or beyond ``extent_mm``."""
+    return np.arange(int(np.ceil(extent_mm / step_mm - 1e-6)) + 1) * step_mm
+
+
 def _lerp_axis(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    """Sample ``a`` at fractional indices ``coords`` along one axis (linear interpolation)."""
+    """Sample ``a`` at fractional indices ``coords`` along one axis (linear interpolation;
+    indices outside the axis take its edge value)."""
     n = a.shape[axis]
     if n == 1:
         return np.repeat(a, len(coords), axis=axis)
+    coords = np.clip(coords, 0, n - 1)  # beyond the source: the edge value
     lo = np.clip(np.floor(coords).astype(np.int64), 0, n - 2)
     shape = [1] * a.ndim
     shape[axis] = len(coords)
@@ -208,15 +290,17 @@ def preprocess_split(
 ) -> pd.DataFrame:
     """Cache every series of ``{split}_series_descriptions.csv`` (or of ``study_ids``).
 
-    Series already cached are skipped, so an interrupted run resumes where it stopped. One bad
-    series never stops the run: it becomes an ``error`` row of the report.
+    Series already cached (an entry whose files match its record) are skipped, so an interrupted
+    run resumes where it stopped; a broken entry is redone. One bad series never stops the run:
+    it becomes an ``error`` row of the report. The run holds the cache's lock from start to end.
 
     Returns:
         The report of the series asked for (REPORT_COLUMNS): one row per stack or failed series.
 
     Raises:
-        UserError: bad arguments, a missing CSV or image folder, a cache built with other
-            settings, or not a single series readable.
+        UserError: bad arguments, a missing CSV or image folder, a cache folder that cannot be
+            written, a cache built with other settings or being written by another run, or not a
+            single series readable.
     """
     data_root, cache_dir = Path(data_root), Path(cache_dir)
     if split not in SPLITS:
@@ -235,29 +319,20 @@ def preprocess_split(
     if study_ids is not None:
         wanted = series[series["study_id"].isin([int(s) for s in study_ids])]
 
-    _claim_cache(cache_dir, split, spacing)
-    _remove_partial_entries(cache_dir)
-    todo = [
-        (images, cache_dir, int(r.study_id), int(r.series_id), r.series_description, spacing)
-        for r in wanted.itertuples(index=False)
-        if not (cache_dir / str(r.study_id) / str(r.series_id) / SERIES_RECORD).is_file()
-    ]
-    bar = tqdm(total=len(todo), disable=not progress, unit="series", desc=f"preprocess {split}")
-    if workers == 1 or len(todo) <= 1:
-        for task in todo:
-            cache_series(*task)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for future in as_completed([pool.submit(cache_series, *task) for task in todo]):
-                future.result()
-                bar.update()
-    bar.close()
-
-    all_rows = _collect_rows(cache_dir, series)
-    report = pd.DataFrame(all_rows, columns=INDEX_COLUMNS)
-    write_csv_atomic(report[REPORT_COLUMNS], cache_dir / "preprocess_report.csv")
-    write_csv_atomic(report[report["status"] != "error"], cache_dir / "index.csv")
+    with cache_lock(cache_dir):
+        _claim_cache(cache_dir, split, spacing)
+        _remove_partial_entries(cache_dir)
+        _remove_broken_entries(cache_dir, series)
+        todo = [
+            (images, cache_dir, int(r.study_id), int(r.series_id), r.series_description, spacing)
+            for r in wanted.itertuples(index=False)
+            if not (cache_dir / str(r.study_id) / str(r.series_id) / SERIES_RECORD).is_file()
+        ]
+        _cache_all(todo, workers, progress, f"preprocess {split}")
+        all_rows = _collect_rows(cache_dir, series)
+        report = pd.DataFrame(all_rows, columns=INDEX_COLUMNS)
+        write_csv_atomic(report[REPORT_COLUMNS], cache_dir / "preprocess_report.csv")
+        write_csv_atomic(report[report["status"] != "error"], cache_dir / "index.csv")
     key = set(zip(wanted["study_id"], wanted["series_id"], strict=True))
     asked = report[[k in key for k in zip(report["study_id"], report["series_id"], strict=True)]]
     if len(asked) and (asked["status"] == "error").all():
@@ -302,8 +377,7 @@ def cache_series(
             for leftover in tmp.iterdir():
                 leftover.unlink()
             rows = [_error_row(base, f"{folder}: unexpected {type(exc).__name__}: {exc}")]
-        write_json_atomic({"rows": rows}, tmp / SERIES_RECORD)
-        os.replace(tmp, final)
+        _publish_entry(tmp, final, rows)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -318,7 +392,10 @@ def _write_stack(
     spacing: Sequence[float] | None,
     base: dict[str, Any],
 ) -> dict[str, Any]:
-    array, geometry = volume.array, volume.geometry
+    """Write one stack, put in the canonical in-plane orientation (a series stored with rows or
+    columns reversed is flipped, its geometry moved with it) and then resampled to ``spacing``;
+    ``source_geometry`` stays the stored one, where the CSVs' pixel coordinates live."""
+    array, geometry, (flip_rows, flip_columns) = canonical_in_plane(volume.array, volume.geometry)
     if spacing is not None:
         array, geometry = resample_stack(array, geometry, spacing)
     np.save(folder / f"{stack}.npy", array, allow_pickle=False)
@@ -332,6 +409,7 @@ def _write_stack(
         "dtype": str(array.dtype),
         "geometry": geometry.to_dict(),
         "source_geometry": volume.geometry.to_dict(),
+        "flipped": {"rows": flip_rows, "columns": flip_columns},
         "meta": meta,
     }
     write_json_atomic(sidecar, folder / f"{stack}.json")
@@ -359,27 +437,190 @@ def _error_row(base: dict[str, Any], message: str) -> dict[str, Any]:
     }
 
 
-def _claim_cache(cache_dir: Path, split: str, spacing: list[float] | None) -> None:
-    """Write cache.json, or check that an existing cache was built with the same settings (a
-    resumed run must not mix two spacings in one folder)."""
-    settings = {"format": CACHE_FORMAT, "split": split, "spacing": spacing}
-    path = cache_dir / "cache.json"
+class CacheBusyError(UserError):
+    """Another run holds the cache's writer lock."""
+
+
+def check_cache_settings(
+    cache_dir: str | Path, split: str, spacing: Sequence[float] | None = None
+) -> None:
+    """Refuse a cache folder built with other settings (another split, spacing or format): a
+    resumed run must not mix two in one folder. Reads only (``lsdc predict`` asks first).
+
+    Raises:
+        UserError: ``cache.json`` says otherwise, or cannot be read.
+    """
+    settings = _cache_settings(split, spacing)
+    path = Path(cache_dir) / "cache.json"
     if path.is_file():
-        existing = read_json(path)
+        try:
+            existing = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable ({exc}); use a new --cache folder") from exc
         if existing != settings:
             raise UserError(
                 f"{path}: this cache was built with {existing}; this run asks for {settings}. "
                 "Use a new --cache folder."
             )
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings, path)
+
+
+def _cache_settings(split: str, spacing: Sequence[float] | None) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "split": split,
+        "spacing": None if spacing is None else [float(x) for x in spacing],
+    }
+
+
+def _claim_cache(cache_dir: Path, split: str, spacing: list[float] | None) -> None:
+    """Write cache.json, or check that an existing cache was built with the same settings."""
+    check_cache_settings(cache_dir, split, spacing)
+    if not (cache_dir / "cache.json").is_file():
+        write_json_atomic(_cache_settings(split, spacing), cache_dir / "cache.json")
 
 
 def _remove_partial_entries(cache_dir: Path) -> None:
-    """Delete the temporary folders a killed run left behind."""
+    """Delete the temporary folders a killed run left behind (safe: this run holds the lock, so
+    no other run is writing one)."""
     for partial in cache_dir.glob(f"*/{_TMP_PREFIX}*"):
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold the cache's writer lock (``flock`` on ``LOCK_NAME``) for the block.
+
+    A second run refuses at once, naming the pid of the run that holds the lock, instead of
+    deleting that run's temporary entries. The lock file is emptied when the block ends; a run
+    killed inside it leaves its pid in the file but no lock (the kernel drops it).
+
+    Raises:
+        UserError: the cache path is a file or cannot be written.
+        CacheBusyError: another run holds the lock.
+    """
+    check_output_dir(cache_dir, "--cache")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"{cache_dir}: --cache cannot be written ({exc.strerror})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CacheBusyError(
+                f"{cache_dir}: another lsdc preprocess (pid {holder}) is writing this cache; "
+                "wait for it to end, or use another --cache"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str) -> None:
+    """Run :func:`cache_series` over ``todo``, in this process or in a pool of ``workers``.
+
+    Pool workers die with this process (:func:`lsdc.utils.init_worker`); on any exit from
+    here (an error, Ctrl-C) the series not started are cancelled and the running ones waited
+    for, so no worker writes into the cache once this returns or raises (and the lock is let go).
+    A ``spawn`` pool: the caller may run threads (tqdm's monitor, torch) whose locks a forked
+    child could inherit held.
+    """
+    bar = tqdm(total=len(todo), disable=not progress, unit="series", desc=desc)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for task in todo:
+                cache_series(*task)
+                bar.update()
+            return
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker,
+            initargs=(os.getpid(),),
+        )
+        try:
+            for future in as_completed([pool.submit(cache_series, *task) for task in todo]):
+                future.result()
+                bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+
+
+def _publish_entry(tmp: Path, final: Path, rows: list[dict[str, Any]]) -> None:
+    """Record the entry's files with their sizes in ``SERIES_RECORD`` and rename the folder into
+    place, only if every file its rows need is there.
+
+    Raises:
+        UserError: a file of the entry vanished while it was written (something else deletes in
+            this cache); nothing is published.
+    """
+    files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+    missing = [name for name in _needed_files(rows) if name not in files]
+    if missing:
+        raise UserError(
+            f"{tmp}: {', '.join(missing)} vanished while the entry was written; is another "
+            "program deleting files in this cache?"
+        )
+    write_json_atomic({"rows": rows, "files": files}, tmp / SERIES_RECORD)
+    os.replace(tmp, final)
+
+
+def _needed_files(rows: list[dict[str, Any]]) -> list[str]:
+    """The files an entry must hold: the array and sidecar of every stack its rows report."""
+    return [
+        f"{row['stack']}.{suffix}"
+        for row in rows
+        if row["status"] != "error"
+        for suffix in ("npy", "json")
+    ]
+
+
+def entry_problem(entry: Path) -> str | None:
+    """What is wrong with a published series entry, or None when it is whole: its record must be
+    readable and every file it lists present with the recorded size (entries written before
+    sizes were recorded: every stack's array and sidecar present)."""
+    record_path = entry / SERIES_RECORD
+    if not record_path.is_file():
+        return f"{SERIES_RECORD} missing"
+    try:
+        record = read_json(record_path)
+        rows = record["rows"]
+        files = record.get("files") or dict.fromkeys(_needed_files(rows))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{SERIES_RECORD} unreadable ({type(exc).__name__}: {exc})"
+    for name, size in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its record says {size}"
+    return None
+
+
+def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
+    """Delete every entry of ``series`` that :func:`entry_problem` finds broken (saying so on
+    stderr), so that this run writes it again."""
+    for r in series.itertuples(index=False):
+        entry = cache_dir / str(r.study_id) / str(r.series_id)
+        if not entry.is_dir():
+            continue
+        problem = entry_problem(entry)
+        if problem is not None:
+            print(
+                f"lsdc preprocess: warning: {entry}: broken cache entry ({problem}); redoing it",
+                file=sys.stderr,
+            )
+            shutil.rmtree(entry)
 
 
 def _collect_rows(cache_dir: Path, series: pd.DataFrame) -> list[dict[str, Any]]:

@@ -179,6 +179,23 @@ class StackGeometry:
         """Patient mm (3,) of pixel ``x`` (column), ``y`` (row) of one instance, as in the CSVs."""
         return self.voxel_to_patient(self.pixel_to_voxel(instance_number, x, y)[None])[0]
 
+    def flipped_in_plane(
+        self, flip_rows: bool, flip_columns: bool, shape: tuple[int, int, int]
+    ) -> StackGeometry:
+        """The exact geometry of the array ``array[:, ::-1]`` (``flip_rows``) and/or
+        ``array[:, :, ::-1]`` (``flip_columns``) of a stack of ``shape``: each flipped axis
+        points the other way and pixel (0, 0) moves to the opposite edge, so every voxel keeps its
+        patient position."""
+        positions = self.positions.copy()
+        row, col = self.row_direction, self.column_direction
+        if flip_rows:
+            positions += (shape[1] - 1) * self.pixel_spacing[0] * col
+            col = -col
+        if flip_columns:
+            positions += (shape[2] - 1) * self.pixel_spacing[1] * row
+            row = -row
+        return StackGeometry(positions, row, col, self.pixel_spacing, self.instance_numbers)
+
     # ----------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; :meth:`from_dict` restores an equal geometry."""
@@ -213,6 +230,42 @@ class StackGeometry:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+CANONICAL_SIGN: np.ndarray = np.array([1.0, 1.0, -1.0])
+"""Where increasing row and column indices point in a canonical stack, per dominant patient axis
+(LPS): towards the patient's left (+x), posterior (+y), inferior (-z). The usual sagittal (row
+(0, 1, 0), column (0, 0, -1)), axial (row (1, 0, 0), column (0, 1, 0)) and coronal orientations
+are canonical already."""
+
+
+def canonical_flips(geometry: StackGeometry) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that put a stack in the canonical in-plane orientation.
+
+    A series may legally be stored with its rows or columns reversed (the tags say so); a network
+    that reads pixels, not tags, would see it mirrored. Each in-plane axis is flipped when it
+    points against :data:`CANONICAL_SIGN` along its dominant patient axis.
+    """
+
+    def against(direction: np.ndarray) -> bool:
+        axis = int(np.argmax(np.abs(direction)))
+        return bool(np.sign(direction[axis]) != CANONICAL_SIGN[axis])
+
+    return against(geometry.column_direction), against(geometry.row_direction)
+
+
+def canonical_in_plane(
+    array: np.ndarray, geometry: StackGeometry
+) -> tuple[np.ndarray, StackGeometry, tuple[bool, bool]]:
+    """A stack in the canonical in-plane orientation: the (contiguous) array, its exact geometry
+    and the (rows, columns) flips applied; unchanged arrays are returned as they are."""
+    flip_rows, flip_columns = canonical_flips(geometry)
+    if not (flip_rows or flip_columns):
+        return array, geometry, (False, False)
+    flipped = array[:, ::-1] if flip_rows else array
+    flipped = flipped[:, :, ::-1] if flip_columns else flipped
+    new_geometry = geometry.flipped_in_plane(flip_rows, flip_columns, array.shape)
+    return np.ascontiguousarray(flipped), new_geometry, (flip_rows, flip_columns)
 
 
 def project_point(

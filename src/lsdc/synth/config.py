@@ -18,8 +18,18 @@ REALISM_RATES: dict[str, str] = {
     "matrix_variation_rate": "share of series whose matrix differs from --image-size",
     "missing_spacing_rate": "share of series without the SpacingBetweenSlices tag",
     "unlabelled_rate": "share of studies with some unlabelled (NaN) findings",
+    "missing_coordinates_rate": "share of labelled findings with no coordinate row",
+    "reversed_storage_rate": "share of series stored with rows and/or columns reversed "
+    "(tags consistent)",
 }
 """Realism switches: each is a rate; 0 turns the feature off."""
+
+PROFILES: dict[str, str] = {
+    "default": "every series at --image-size with --slices sagittal slices (small, fast: the demo)",
+    "competition": "sizes drawn per study like the real set (320-1024 px, 15-22 sagittal slices, "
+    "1-3 axial stacks of 15-60 slices, slice-thickness blur; ~75 files a study)",
+}
+"""Size profiles of ``lsdc synth --profile``; docs/synthetic.md describes the competition one."""
 
 
 @dataclass
@@ -35,6 +45,9 @@ class SynthConfig:
         axial_slices: Axial T2 slice count of a study (split between stacks/series when there are
             several); None means twice ``slices``.
         The ``*_rate`` fields are the realism switches of REALISM_RATES (0 = off).
+        profile: a key of PROFILES. ``competition`` draws every size per study (matrix, pixel
+            spacing, slice counts), so ``image_size``, ``slices`` and ``axial_slices`` must stay
+            at their defaults there.
     """
 
     train_studies: int = 8
@@ -52,6 +65,9 @@ class SynthConfig:
     matrix_variation_rate: float = 0.3
     missing_spacing_rate: float = 0.1
     unlabelled_rate: float = synth_labels.UNLABELLED_STUDY_RATE
+    missing_coordinates_rate: float = 0.01
+    reversed_storage_rate: float = 0.02
+    profile: str = "default"
 
     def without_realism(self) -> SynthConfig:
         """The same config with every realism switch off (clean, regular series)."""
@@ -64,6 +80,20 @@ class SynthConfig:
 
     def validate(self) -> None:
         """Raise UserError on a value no study could be drawn with."""
+        if self.profile not in PROFILES:
+            raise UserError(f"--profile must be one of {list(PROFILES)}, got {self.profile!r}")
+        if self.profile != "default":
+            fixed = [
+                f"--{f.name.replace('_', '-')}"
+                for f in dataclasses.fields(self)
+                if f.name in ("image_size", "slices", "axial_slices")
+                and getattr(self, f.name) != f.default
+            ]
+            if fixed:
+                raise UserError(
+                    f"{', '.join(fixed)}: the {self.profile} profile draws its own sizes per "
+                    "study; leave these out or use --profile default"
+                )
         if self.train_studies < 0 or self.test_studies < 0:
             raise UserError("study counts must be >= 0")
         if self.train_studies + self.test_studies == 0:

@@ -14,10 +14,11 @@ gives the same bytes on every run.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
-import signal
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from lsdc.errors import UserError
 from lsdc.synth import labels as synth_labels
 from lsdc.synth import phantom
 from lsdc.synth.config import SynthConfig
-from lsdc.utils import atomic_path
+from lsdc.utils import atomic_path, init_worker
 
 ANSWER_FILES: tuple[str, ...] = ("oracle_train.csv", "oracle_test.csv", "solution_test.csv")
 """Files beside the competition files that hold the answer (no competition file has these names)."""
@@ -54,6 +55,19 @@ MANUFACTURERS: tuple[str, ...] = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips Medi
 
 _SAGITTAL = (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]))
 _AXIAL = (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]))
+
+COMPETITION_MATRICES: dict[str, dict[int, float]] = {
+    "sagittal": {320: 0.4, 384: 0.35, 448: 0.05, 512: 0.12, 640: 0.04, 768: 0.02, 1024: 0.02},
+    "axial": {320: 0.7, 384: 0.2, 448: 0.05, 512: 0.05},
+}
+"""The competition profile's matrices (rows = columns) and their probabilities, per plane."""
+COMPETITION_PIXEL_MM = (0.3, 0.9)
+"""Pixel spacing range of the competition profile: the field of view is clipped to matrix x it."""
+COMPETITION_FOV_MM = {"sagittal": (220.0, 320.0), "axial": (150.0, 240.0)}
+DEFAULT_FOV_MM = {"sagittal": (190.0, 230.0), "axial": (160.0, 200.0)}
+ACQUISITION_MM = 0.8
+"""Competition profile: images are rendered at this pixel size (or their own, if coarser) and
+interpolated to their matrix, as a scanner interpolates a ~0.8 mm acquisition to 512-1024 px."""
 
 
 # --------------------------------------------------------------------------------- series plans
@@ -75,11 +89,28 @@ class Stack:
         """Slice normal (row x column direction), the axis ImagePositionPatient moves along."""
         return np.cross(self.row_direction, self.column_direction)
 
-    def pixel_points(self) -> np.ndarray:
-        """(n, rows, columns, 3) patient coordinates of every pixel centre."""
-        r = np.arange(self.rows)[:, None, None] * self.pixel_spacing * self.column_direction
-        c = np.arange(self.columns)[None, :, None] * self.pixel_spacing * self.row_direction
-        return self.positions[:, None, None, :] + (r + c)[None]
+    def pixel_points(self, size: int | None = None) -> np.ndarray:
+        """(n, rows, columns, 3) patient coordinates of every pixel centre.
+
+        With ``size``, a ``(n, size, size, 3)`` grid over the same field instead: its first and
+        last pixel centres are the stack's own, so it interpolates onto the stack's pixels with
+        the corners aligned.
+        """
+        if size is None:
+            r = np.arange(self.rows)[:, None, None] * self.pixel_spacing * self.column_direction
+            c = np.arange(self.columns)[None, :, None] * self.pixel_spacing * self.row_direction
+            return self.positions[:, None, None, :] + (r + c)[None]
+        r = np.linspace(0.0, (self.rows - 1) * self.pixel_spacing, size)[:, None, None]
+        c = np.linspace(0.0, (self.columns - 1) * self.pixel_spacing, size)[None, :, None]
+        offsets = r * self.column_direction + c * self.row_direction
+        return self.positions[:, None, None, :] + offsets[None]
+
+    def corners(self) -> np.ndarray:
+        """(8, 3) patient coordinates of the corner pixel centres of the first and last slice."""
+        r = np.array([0.0, self.rows - 1])[:, None] * self.pixel_spacing * self.column_direction
+        c = np.array([0.0, self.columns - 1])[:, None] * self.pixel_spacing * self.row_direction
+        ends = self.positions[[0, -1]]
+        return (ends[:, None, None, :] + r[None, :, None, :] + c[None, None, :, :]).reshape(-1, 3)
 
     def locate(self, point: np.ndarray) -> tuple[int, float, float, float]:
         """Nearest slice to ``point`` and the point's projection on it.
@@ -154,17 +185,53 @@ def _make_stack(
     )
 
 
+def _competition_matrix(rng: np.random.Generator, plane: str) -> int:
+    """A matrix drawn from COMPETITION_MATRICES[plane]."""
+    sizes = np.array(list(COMPETITION_MATRICES[plane]))
+    weights = np.array(list(COMPETITION_MATRICES[plane].values()))
+    return int(rng.choice(sizes, p=weights / weights.sum()))
+
+
+def _level_tilt(rng: np.random.Generator, anatomy: phantom.Anatomy, z: float) -> np.ndarray:
+    """A rotation that turns an axial plane parallel to the disc near ``z`` (normal along the
+    lordotic spine's axis there, about the left-right axis), give or take 2 degrees."""
+    t = (z - anatomy.centre[2]) / (2.5 * anatomy.pitch)
+    slope = 2.0 * anatomy.lordosis * t / (2.5 * anatomy.pitch)  # d spine_y / dz
+    angle = -np.arctan(slope) + np.deg2rad(rng.uniform(-2.0, 2.0))
+    return Rotation.from_rotvec(angle * np.array([1.0, 0.0, 0.0])).as_matrix()
+
+
 def _plan_series(
     rng: np.random.Generator, config: SynthConfig, anatomy: phantom.Anatomy, series_ids: np.ndarray
 ) -> list[Series]:
-    """Draw the series of one study: two sagittals and one or two axials, in one patient frame."""
+    """Draw the series of one study: two sagittals and one or more axials, in one patient frame.
+
+    The default profile sizes every series from the config; the competition profile draws the
+    matrix, pixel spacing and slice counts per study (docs/synthetic.md).
+    """
     a = anatomy
     ids = iter(series_ids.tolist())
+    competition = config.profile == "competition"
+    planes = ("sagittal", "axial")
+    study_matrix = {
+        plane: _competition_matrix(rng, plane) if competition else config.image_size
+        for plane in planes
+    }
+    fov_range = COMPETITION_FOV_MM if competition else DEFAULT_FOV_MM
 
-    def matrix() -> int:
+    def matrix(plane: str) -> int:
         if rng.random() < config.matrix_variation_rate:
+            if competition:
+                return _competition_matrix(rng, plane)
             return int(round(config.image_size * rng.uniform(0.8, 1.3) / 2) * 2)
-        return config.image_size
+        return study_matrix[plane]
+
+    def field(fov: float, size: int) -> float:
+        """The field of view (mm) of a ``size`` matrix: the competition profile keeps its pixel
+        spacing within COMPETITION_PIXEL_MM."""
+        if competition:
+            return float(np.clip(fov, *(size * np.array(COMPETITION_PIXEL_MM))))
+        return fov
 
     def rotation(normal: np.ndarray, tilt_deg: float = 2.0) -> np.ndarray:
         if rng.random() < config.oblique_rate:
@@ -182,9 +249,9 @@ def _plan_series(
         ("Sagittal T1", "T1"),
         ("Sagittal T2/STIR", sagittal_sequence),
     ):
-        n = config.slices
+        n = int(rng.integers(15, 23)) if competition else config.slices
         cover = 2 * (a.foramen_x + 8.0)  # both foramina with a margin
-        step = max(rng.uniform(3.3, 4.5), cover / (n - 1))
+        step = max(rng.uniform(3.0 if competition else 3.3, 4.5), cover / (n - 1))
         # The sagittal normal is -x: decreasing offsets run the slices from the patient's right
         # (-x) to the left (+x).
         offsets = ((n - 1) / 2 - np.arange(n)) * step
@@ -195,20 +262,22 @@ def _plan_series(
                 mid_z + rng.uniform(-12, 12),
             ]
         )
+        size = matrix("sagittal")
         stack = _make_stack(
-            rng, centre, _SAGITTAL, offsets, matrix(), rng.uniform(190, 230),
+            rng, centre, _SAGITTAL, offsets, size, field(rng.uniform(*fov_range["sagittal"]), size),
             rotation(sag_normal), keep_spacing(),
         )  # fmt: skip
         series.append(Series(next(ids), description, sequence, [stack]))
 
-    # Axial T2: slices from above L1/L2 to below L5/S1, as one stack, two tilted stacks in one
-    # series, or two series (upper and lower levels).
+    # Axial T2: slices from above L1/L2 to below L5/S1, as one stack, several stacks in one
+    # series, or several series (upper and lower levels). The competition profile splits into
+    # two or three parts, often each tilted to its discs.
     z_hi = a.disc_z[1] + 0.35 * a.pitch
     z_lo = a.disc_z[5] - 0.3 * a.pitch
     centre_xy = np.array(
         [a.centre[0] + rng.uniform(-8, 8), float(a.canal_y(mid_z)) - 10 + rng.uniform(-10, 10)]
     )
-    fov = rng.uniform(160, 200)
+    fov = rng.uniform(*fov_range["axial"])
     n_axial = config.n_axial_slices
     layout = rng.random()
     if layout < config.two_axial_series_rate:
@@ -217,22 +286,33 @@ def _plan_series(
         parts, grouping = 2, "stacks"
     else:
         parts, grouping = 1, "series"
+    level_tilt = False
+    if competition and parts > 1:
+        parts = 3 if rng.random() < 0.4 else 2
+        level_tilt = rng.random() < 0.7
+    axial_step = rng.uniform(4.0, 5.5) if competition else 0.0
     edges = np.linspace(z_lo, z_hi, parts + 1)
     overlap = 0.15 * a.pitch if parts > 1 else 0.0
-    shared_matrix, shared_spacing = matrix(), keep_spacing()
+    shared_matrix, shared_spacing = matrix("axial"), keep_spacing()
     axial_stacks: list[Stack] = []
     for p in range(parts):
         lo, hi = edges[p] - overlap, edges[p + 1] + overlap
-        n = max(3, int(round(n_axial / parts)))
+        if competition:
+            n = int(np.clip(round((hi - lo) / axial_step) + 1, 15, 60))
+        else:
+            n = max(3, int(round(n_axial / parts)))
         zs = np.linspace(lo, hi, n)
         centre = np.array([centre_xy[0], centre_xy[1], (lo + hi) / 2])
-        if grouping == "stacks":
+        if level_tilt:
+            tilt = _level_tilt(rng, a, float(centre[2]))
+        elif grouping == "stacks":
             tilt = np.eye(3) if p == 0 else _rotation(rng, 0.0, 8.0, np.array([0.0, 0.0, 1.0]))
         else:
             tilt = rotation(np.array([0.0, 0.0, 1.0]), tilt_deg=3.0)
+        size = shared_matrix if grouping == "stacks" else matrix("axial")
         stack = _make_stack(
-            rng, centre, _AXIAL, zs - centre[2], shared_matrix if grouping == "stacks" else matrix(),
-            fov, tilt, shared_spacing if grouping == "stacks" else keep_spacing(),
+            rng, centre, _AXIAL, zs - centre[2], size, field(fov, size), tilt,
+            shared_spacing if grouping == "stacks" else keep_spacing(),
         )  # fmt: skip
         axial_stacks.append(stack)
     if grouping == "stacks":
@@ -277,38 +357,89 @@ def _voxel_size(series: list[Series]) -> float:
     return float(np.clip(0.75 * finest, 0.6, 1.5))
 
 
-def _render_study(
-    rng: np.random.Generator, anatomy: phantom.Anatomy, series: list[Series]
-) -> list[list[np.ndarray]]:
-    """uint16 pixels (n, rows, columns) of every stack of every series of one study."""
-    all_points = [st.pixel_points() for s in series for st in s.stacks]
-    if not all_points:
-        return []
+SignalOf = Callable[[str, np.ndarray, Stack, Callable[[np.ndarray], np.ndarray]], np.ndarray]
+"""(sequence, its tissue signal table, stack, bias field) -> noiseless signal (n, rows, columns),
+or (n, size, size) over the same field when rendered coarser than the matrix."""
+
+
+def _grid_signal(anatomy: phantom.Anatomy, series: list[Series]) -> SignalOf:
+    """The default profile: one tissue grid over every pixel, sampled at every pixel centre."""
+    all_points = {id(st): st.pixel_points() for s in series for st in s.stacks}
     corners = np.concatenate(
-        [p[[0, -1]][:, [0, -1]][:, :, [0, -1]].reshape(-1, 3) for p in all_points]
+        [p[[0, -1]][:, [0, -1]][:, :, [0, -1]].reshape(-1, 3) for p in all_points.values()]
     )
     voxel = _voxel_size(series)
     grid = phantom.TissueGrid(
         corners.min(axis=0) - 2 * voxel, corners.max(axis=0) + 2 * voxel, voxel
     )
     phantom.paint_anatomy(grid, anatomy)
+    volumes: dict[str, np.ndarray] = {}
+
+    def signal(sequence: str, table: np.ndarray, stack: Stack, bias: Callable) -> np.ndarray:
+        if sequence not in volumes:
+            volumes[sequence] = phantom.signal_volume(grid, table)
+        p = all_points.pop(id(stack))
+        return phantom.sample(grid, volumes[sequence], p) * bias(p)
+
+    return signal
+
+
+def _layered_signal(anatomy: phantom.Anatomy, series: list[Series]) -> SignalOf:
+    """The competition profile: a fine grid over the spine and a coarse one around it
+    (:class:`phantom.LayeredPhantom`), averaged over each slice's thickness, rendered at
+    ACQUISITION_MM (or the stack's own, coarser, pixel) and interpolated to the matrix."""
+    corners = np.concatenate([st.corners() for s in series for st in s.stacks])
+    layered = phantom.LayeredPhantom(anatomy, corners.min(axis=0), corners.max(axis=0))
+
+    def signal(sequence: str, table: np.ndarray, stack: Stack, bias: Callable) -> np.ndarray:
+        field_mm = (stack.rows - 1) * stack.pixel_spacing
+        size = min(stack.rows, int(np.ceil(field_mm / ACQUISITION_MM)) + 1)
+        p = stack.pixel_points(size)
+        return layered.sample(sequence, table, p, stack.normal, stack.slice_thickness) * bias(p)
+
+    return signal
+
+
+def _resize_planes(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Bilinear resize of (n, r, c) planes to (n, rows, columns), corner pixels aligned
+    (separable: one linear interpolation per axis), float32."""
+    out = values.astype(np.float32, copy=False)
+    for axis, size in ((1, rows), (2, columns)):
+        n = out.shape[axis]
+        if n == size:
+            continue
+        coords = np.linspace(0.0, n - 1, size)
+        lo = np.minimum(coords.astype(np.int64), n - 2)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        w = (coords - lo).astype(np.float32).reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, lo + 1, axis=axis) * w
+    return out
+
+
+def _render_study(
+    rng: np.random.Generator, anatomy: phantom.Anatomy, series: list[Series], profile: str
+) -> list[list[np.ndarray]]:
+    """uint16 pixels (n, rows, columns) of every stack of every series of one study."""
+    if not any(s.stacks for s in series):
+        return []
+    signal_of = (_layered_signal if profile == "competition" else _grid_signal)(anatomy, series)
     tables = phantom.tissue_signal(rng, anatomy)
     bias = phantom.bias_field(rng, anatomy.centre)
-    volumes: dict[str, np.ndarray] = {}
     out: list[list[np.ndarray]] = []
-    points = iter(all_points)
     for s in series:
         gain = rng.uniform(600.0, 3000.0)
         offset = rng.uniform(0.0, 40.0)
         sigma = rng.uniform(0.012, 0.04)
         pixels = []
-        for _ in s.stacks:
-            p = next(points)
-            if s.sequence not in volumes:
-                volumes[s.sequence] = phantom.signal_volume(grid, tables[s.sequence])
-            signal = phantom.sample(grid, volumes[s.sequence], p) * bias(p)
+        for stack in s.stacks:
+            signal = signal_of(s.sequence, tables[s.sequence], stack, bias)
             noisy = np.hypot(signal + sigma * rng.standard_normal(signal.shape),
                              sigma * rng.standard_normal(signal.shape))  # fmt: skip
+            if noisy.shape[1:] != (stack.rows, stack.columns):
+                # Rendered at the acquisition's pixel size: interpolated like the signal, the
+                # noise gets the pixel-to-pixel correlation of a scanner's interpolated matrix.
+                noisy = _resize_planes(noisy, stack.rows, stack.columns)
             pixels.append(np.clip(np.rint(offset + gain * noisy), 0, 65535).astype(np.uint16))
         out.append(pixels)
     return out
@@ -407,8 +538,12 @@ def _synthesize_study(
     labels[synth_labels.draw_unlabelled(rng, config.unlabelled_rate)] = -100
     table_position = np.array([rng.uniform(-15, 15), rng.uniform(-30, 30), rng.uniform(-150, 150)])
     anatomy = phantom.draw_anatomy(rng, severity, centre=table_position)
-    series = _plan_series(rng, config, anatomy, _draw_ids(rng, 4, 10**6, 4 * 10**9))
-    pixels = _render_study(rng, anatomy, series)
+    most_series = 5 if config.profile == "competition" else 4  # axial T2 in up to 3 or 2 series
+    series = _plan_series(rng, config, anatomy, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
+    pixels = _render_study(rng, anatomy, series, config.profile)
+    _reverse_storage(
+        _quirk_rng(config, split, index, 1), config.reversed_storage_rate, series, pixels
+    )
     for number, (s, p) in enumerate(zip(series, pixels, strict=True), start=1):
         _write_series(
             image_root / str(study_id) / str(s.series_id), study_id, s, p, config.seed, number
@@ -418,8 +553,57 @@ def _synthesize_study(
         labels=labels,
         probabilities=probabilities,
         series=[(s.series_id, s.description) for s in series],
-        coordinates=_coordinates(study_id, anatomy, series, labels),
+        coordinates=_drop_rows(
+            _quirk_rng(config, split, index, 2),
+            config.missing_coordinates_rate,
+            _coordinates(study_id, anatomy, series, labels),
+        ),
     )
+
+
+def _quirk_rng(config: SynthConfig, split: str, index: int, quirk: int) -> np.random.Generator:
+    """A random stream of its own per (study, quirk): turning a quirk on or off, or changing its
+    rate, leaves every other draw of the study (and so every other byte) as it was."""
+    return np.random.default_rng([config.seed, SPLITS.index(split), index, quirk])
+
+
+def _reverse_storage(
+    rng: np.random.Generator, rate: float, series: list[Series], pixels: list[list[np.ndarray]]
+) -> None:
+    """Store some series with their rows, their columns or both reversed, in place.
+
+    A legal DICOM variant: the pixels are reversed and the tags say so (the reversed axis's
+    direction negated, ImagePositionPatient moved to the opposite edge), so every pixel keeps its
+    patient position and the coordinates (computed afterwards from these tags) follow.
+    """
+    for s, stack_pixels in zip(series, pixels, strict=True):
+        if rng.random() >= rate:
+            continue
+        flip_rows, flip_columns = ((True, False), (False, True), (True, True))[int(rng.integers(3))]
+        for k, stack in enumerate(s.stacks):
+            positions, row, col = (
+                stack.positions.copy(),
+                stack.row_direction,
+                stack.column_direction,
+            )
+            if flip_rows:
+                positions += (stack.rows - 1) * stack.pixel_spacing * col
+                col = -col
+                stack_pixels[k] = stack_pixels[k][:, ::-1]
+            if flip_columns:
+                positions += (stack.columns - 1) * stack.pixel_spacing * row
+                row = -row
+                stack_pixels[k] = stack_pixels[k][:, :, ::-1]
+            s.stacks[k] = replace(
+                stack, positions=np.round(positions, 4), row_direction=row, column_direction=col
+            )
+
+
+def _drop_rows(rng: np.random.Generator, rate: float, rows: list[tuple]) -> list[tuple]:
+    """Leave out each coordinate row with probability ``rate``: a labelled finding whose reader
+    gave no point (its label stays in train.csv)."""
+    keep = rng.random(len(rows)) >= rate
+    return [row for row, kept in zip(rows, keep, strict=True) if kept]
 
 
 def _coordinates(
@@ -429,7 +613,8 @@ def _coordinates(
 
     The point is projected on the nearest slice of the grading series (of several Axial T2
     series or stacks, the one whose slice passes closest); a finding whose grading series is
-    missing gets no row, as in the real data.
+    missing gets no row, as in the real data (nor, at ``missing_coordinates_rate``, some others:
+    :func:`_drop_rows`).
     """
     rows = []
     centres = anatomy.finding_centres()
@@ -471,12 +656,6 @@ def _oracle_frame(records: list[StudyRecord]) -> pd.DataFrame:
     return frame
 
 
-def _ignore_interrupts() -> None:
-    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent should
-    act on it (cancel the queue, wait for the running studies, delete the root)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _synthesize_studies(
     config: SynthConfig,
     jobs: list[tuple[str, int, int]],
@@ -505,7 +684,8 @@ def _synthesize_studies(
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_ignore_interrupts,
+        initializer=init_worker,
+        initargs=(os.getpid(),),
     ) as pool:
         try:
             futures = {

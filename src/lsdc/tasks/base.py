@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
+import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from lsdc.config import ConfigError, TrainConfig
-from lsdc.contract import load_train_labels
+from lsdc.contract import N_LABELS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.preprocessing.cache import read_cache_index
 
@@ -92,6 +94,13 @@ class TrainingTask(abc.ABC):
     def flip_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch mirrored left-right (inputs only; the engine permutes the predictions)."""
 
+    @classmethod
+    def prior_rows(cls, descriptions: Collection[str]) -> np.ndarray:
+        """(25,) bool: the label columns this task answers with the class prior for a study
+        whose series are ``descriptions`` (``lsdc predict`` reports them). Default: none, the
+        model answers every row."""
+        return np.zeros(N_LABELS, dtype=bool)
+
 
 def register_task(cls: type[TrainingTask]) -> type[TrainingTask]:
     """Class decorator: make ``cls`` the task of config ``task: cls.name``."""
@@ -106,42 +115,89 @@ def _import_builtin_tasks() -> None:
         importlib.import_module(module)
 
 
+def task_class(name: str) -> type[TrainingTask]:
+    """The task class of config ``task: name``.
+
+    Raises:
+        ConfigError: no task has that name.
+    """
+    _import_builtin_tasks()
+    if name not in _TASKS:
+        raise ConfigError(f"config key 'task': unknown task {name!r}; known: {sorted(_TASKS)}")
+    return _TASKS[name]
+
+
 def create_task(config: TrainConfig, cache_dir: Path, data_root: Path | None) -> TrainingTask:
     """The task named by ``config.task``.
 
     Raises:
         ConfigError: no task has that name.
     """
-    _import_builtin_tasks()
-    if config.task not in _TASKS:
-        raise ConfigError(
-            f"config key 'task': unknown task {config.task!r}; known: {sorted(_TASKS)}"
-        )
-    return _TASKS[config.task](config, cache_dir, data_root)
+    return task_class(config.task)(config, cache_dir, data_root)
 
 
-def build_registered_model(config: TrainConfig, **fixed: Any) -> nn.Module:
-    """``create_model(config.model.name, **fixed, **config.model.params)``, refusing a parameter
-    the constructor does not take (a typo in ``model.params`` would otherwise be a TypeError
-    deep in the model code, or worse, silently ignored).
+def check_network(role: str, name: str, params: dict[str, Any], section: str, **fixed: Any) -> None:
+    """Refuse a ``name`` that is not a ``role`` model and a parameter its constructor does not
+    take (a typo in ``params`` would otherwise be a TypeError deep in the model code, or worse,
+    silently ignored), without building anything.
 
     Args:
-        config: supplies the model name and its free-form ``params``.
+        role: the registry role (``whole_study``, ``localizer``, ``grader``).
+        name: the registered name, from the config key ``section.name``.
+        params: its keyword arguments, from ``section.params``.
+        section: where name and params come from, for the error messages (e.g. ``model``).
         fixed: arguments the task derives from the data (e.g. ``img_size``, ``n_meta``).
+
+    Raises:
+        ConfigError: naming the config key.
     """
     import lsdc.models  # noqa: F401  (registers every model)
-    from lsdc.models.registry import create_model, get_model_constructor
+    from lsdc.models.registry import get_model_constructor
 
-    name = config.model.name
-    accepted = inspect.signature(get_model_constructor(name)).parameters
-    for key in config.model.params:
+    try:
+        constructor = get_model_constructor(name, role)
+    except UserError as exc:
+        raise ConfigError(f"config key '{section}.name': {exc}") from exc
+    accepted = inspect.signature(constructor).parameters
+    for key in params:
         if key not in accepted:
             raise ConfigError(
-                f"config key 'model.params.{key}': model {name!r} takes no parameter {key!r}; "
-                f"it takes {sorted(k for k in accepted if k not in fixed)}"
+                f"config key '{section}.params.{key}': {role} model {name!r} takes no parameter "
+                f"{key!r}; it takes {sorted(k for k in accepted if k not in fixed)}"
             )
         if key in fixed:
             raise ConfigError(
-                f"config key 'model.params.{key}' is set by the data ({key}={fixed[key]!r}); remove it"
+                f"config key '{section}.params.{key}' is set by the data ({key}={fixed[key]!r}); "
+                "remove it"
             )
-    return create_model(name, **fixed, **config.model.params)
+
+
+def build_network(
+    role: str, name: str, params: dict[str, Any], section: str, **fixed: Any
+) -> nn.Module:
+    """``create_model(name, role, **fixed, **params)`` once :func:`check_network` passed."""
+    from lsdc.models.registry import create_model
+
+    check_network(role, name, params, section, **fixed)
+    return create_model(name, role, **fixed, **params)
+
+
+def build_registered_model(
+    config: TrainConfig, role: str = "whole_study", **fixed: Any
+) -> nn.Module:
+    """The config's ``model`` (a ``role`` model) built by :func:`build_network`; then
+    ``model.weights``, when set, is loaded into it (:mod:`lsdc.models.weights`).
+
+    Args:
+        config: supplies the model name and its free-form ``params``.
+        role: the registry role the task's ``model`` plays.
+        fixed: arguments the task derives from the data (e.g. ``img_size``, ``n_meta``).
+    """
+    name = config.model.name
+    model = build_network(role, name, config.model.params, "model", **fixed)
+    if config.model.weights is not None:
+        from lsdc.models.weights import load_weights
+
+        loaded = load_weights(model, config.model.weights, config.model.weights_module, name)
+        print(loaded.summary(), file=sys.stderr)
+    return model

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from lsdc.config import ConfigError, TrainConfig
@@ -118,18 +119,23 @@ def make_loader(
     fold: int = 0,
 ) -> DataLoader:
     """A loader whose order depends only on (seed, fold, epoch): a resumed run replays it.
-    Under DDP each rank gets its shard."""
+    Under DDP each rank gets its shard (for evaluation, without the padding repeats)."""
     seed = config.seed * 1000 + fold
-    if ctx.distributed:
-        sampler: torch.utils.data.Sampler = DistributedSampler(
-            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train, seed=seed
+    sampler: Iterable[int]
+    if ctx.distributed and train:
+        sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
         )
         sampler.set_epoch(epoch)
+    elif ctx.distributed:
+        # Every sample exactly once over the ranks: DistributedSampler would pad the last shard
+        # with repeats, and a repeated sample counts twice in the validation loss.
+        sampler = range(ctx.rank, len(dataset), ctx.world_size)
     elif train:
         generator = torch.Generator().manual_seed(seed * 10_000 + epoch)
         sampler = RandomSampler(dataset, generator=generator)
     else:
-        sampler = SequentialSampler(dataset)
+        sampler = range(len(dataset))
     return DataLoader(
         dataset,
         batch_size=config.data.batch_size,

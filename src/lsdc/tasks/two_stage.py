@@ -1,9 +1,10 @@
 """The ``two_stage`` task: localise every finding, then grade a crop around each one.
 
 One network, two parts, trained together by the one engine: a heatmap localizer
-(``lsdc.models.localizer``) reads each series on a fixed grid and is supervised by the label
-coordinates; a level grader (``lsdc.models.level_grader``, the config's ``model``) grades 25 crops
-per study. During training the crops are cut around the *labelled* points, jittered by about
+(``lsdc.models.localizer``, a ``localizer`` model named by ``task_params.localizer.name``) reads
+each series on a fixed grid and is supervised by the label coordinates; a level grader
+(``lsdc.models.level_grader``, a ``grader`` model named by the config's ``model.name``) grades 25
+crops per study. During training the crops are cut around the *labelled* points, jittered by about
 stage 1's error; at validation and inference they are cut around the points the localizer
 predicts, so the OOF score is that of the served pipeline. Because both parts live in one module,
 folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and ``predict_run`` work unchanged.
@@ -13,6 +14,7 @@ Task settings (``task_params``, every key checked): see :class:`TwoStageParams`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,11 @@ from lsdc.contract import (
     CONDITION_GROUP,
     CONDITIONS,
     LABEL_COLUMNS,
+    LEFT_RIGHT_PERMUTATION,
     LEVELS,
     N_LABELS,
+    PRED_COLUMNS,
+    class_prior,
     label_index,
     labels_to_indices,
     load_label_coordinates,
@@ -45,17 +50,35 @@ from lsdc.datasets.levels import (
     label_points_mm,
     study_crops,
 )
-from lsdc.models.localizer import localizer_loss, soft_argmax
-from lsdc.tasks.base import TrainingTask, build_registered_model, register_task
+from lsdc.models.localizer import heads_loss, soft_argmax
+from lsdc.models.registry import list_models, model_roles
+from lsdc.tasks.base import (
+    TrainingTask,
+    build_network,
+    build_registered_model,
+    check_network,
+    register_task,
+)
 from lsdc.tasks.losses import severity_loss
 
 
 @dataclass
+class LocalizerChoice:
+    """``task_params.localizer``: the stage-1 network, as ``model`` names stage 2's."""
+
+    name: str = "basicunet"
+    """A ``localizer`` model: basicunet, unet, segresnet, dynunet or swinunetr."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Its constructor's keyword arguments (sizes); ``n_points`` and ``grid`` come from the task."""
+
+
+@dataclass
 class TwoStageParams:
-    """``task_params`` of the two_stage task.
+    """``task_params`` of the two_stage task. (Stage 2, the grader, is the config's ``model``:
+    ``model.name`` a ``grader`` model, ``model.params`` its keywords.)
 
     Attributes:
-        localizer: keyword arguments of the registered ``localizer`` model (e.g. ``features``).
+        localizer: the stage-1 network's name and keyword arguments (:class:`LocalizerChoice`).
         localizer_weight: weight of the localisation loss beside the grading loss.
         heatmap_sigma: width of the Gaussian heatmap target, in grid voxels.
         crop_field_mm: side of each crop's square field, mm (~50 mm covers one disc level).
@@ -66,7 +89,7 @@ class TwoStageParams:
             it to stage 1's OOF error (``benchmarks/two_stage_vs_whole.py`` prints it).
     """
 
-    localizer: dict[str, Any] = field(default_factory=dict)
+    localizer: LocalizerChoice = field(default_factory=LocalizerChoice)
     localizer_weight: float = 1.0
     heatmap_sigma: float = 1.5
     crop_field_mm: float = 50.0
@@ -130,9 +153,12 @@ class TwoStageNet(nn.Module):
 
     def forward(
         self, volumes: torch.Tensor, crops: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heatmaps of every series and grading logits ``(B, 25, 3)`` of the given crops."""
-        return self.localize(volumes), self.grader(crops)
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Heatmaps ``(B, V, 25, *grid)`` of every series (the output, then in training any
+        deep-supervision heads') and grading logits ``(B, 25, 3)`` of the given crops."""
+        b, v = volumes.shape[:2]
+        heads = self.localizer.heatmaps(volumes.flatten(0, 1))
+        return [h.unflatten(0, (b, v)) for h in heads], self.grader(crops)
 
 
 @register_task
@@ -150,11 +176,23 @@ class TwoStageTask(TrainingTask):
         self.params = TwoStageParams.from_config(config)
         self.spec = self.params.crop_spec()
         self.grid = tuple(int(g) for g in config.data.volume_size)
-        if min(self.grid) < 16 or max(self.grid) < 32:
+        roles = model_roles(config.model.name)
+        if "localizer" in roles and "grader" not in roles:
             raise ConfigError(
-                f"config key 'data.volume_size' {list(self.grid)}: the two_stage localizer pools "
-                "four times, so every axis needs at least 16 voxels and one axis at least 32"
+                f"config key 'model.name': {config.model.name!r} is a stage-1 network in the "
+                f"two_stage task; write task_params.localizer.name: {config.model.name} "
+                f"(model names the grader: {list_models('grader')})"
             )
+        check_network(  # names and keys checked now, before a run folder is written
+            "localizer",
+            self.params.localizer.name,
+            self.params.localizer.params,
+            "task_params.localizer",
+            **self.localizer_shape(),
+        )
+        check_network(
+            "grader", config.model.name, config.model.params, "model", **self.crop_shape()
+        )
         self.store = StackStore(self.cache_dir, in_memory=config.data.cache_in_memory)
         self._labels: pd.DataFrame | None = None
         self._points: dict[int, np.ndarray] | None = None
@@ -179,8 +217,11 @@ class TwoStageTask(TrainingTask):
         return self._points
 
     def fit_state(self, train_study_ids: np.ndarray) -> dict[str, Any]:
-        """No statistics: crops are normalised by their own stack, volumes by themselves."""
-        return {}
+        """The training fold's class prior (25 x 3), the answer for a label whose grading series
+        a study lacks; crops are normalised by their own stack, volumes by themselves."""
+        labels = self.training_labels()
+        prior = class_prior(labels[labels["study_id"].isin(train_study_ids)])
+        return {"class_prior": prior[list(PRED_COLUMNS)].to_numpy().tolist()}
 
     def build_dataset(self, study_ids: np.ndarray, state: dict[str, Any], train: bool) -> Dataset:
         targets, points = None, None
@@ -215,12 +256,33 @@ class TwoStageTask(TrainingTask):
             seed=self.config.seed,
         )
 
-    def build_model(self, state: dict[str, Any]) -> nn.Module:
-        import lsdc.models  # noqa: F401  (registers every model)
-        from lsdc.models.registry import create_model
+    def crop_shape(self) -> dict[str, tuple[int, int, int]]:
+        """The grader's data-given argument: every crop's (slices, size, size)."""
+        return {"crop_shape": (self.spec.n_slices, self.spec.size, self.spec.size)}
 
-        localizer = create_model("localizer", n_points=N_LABELS, **self.params.localizer)
-        return TwoStageNet(localizer, build_registered_model(self.config))
+    def localizer_shape(self) -> dict[str, Any]:
+        """The localizer's data-given arguments: its heatmaps and the grid they cover."""
+        return {"n_points": N_LABELS, "grid": self.grid}
+
+    def build_localizer(self) -> nn.Module:
+        """Stage 1: the ``task_params.localizer`` network on the ``data.volume_size`` grid."""
+        choice = self.params.localizer
+        return build_network(
+            "localizer",
+            choice.name,
+            choice.params,
+            "task_params.localizer",
+            **self.localizer_shape(),
+        )
+
+    def build_model(self, state: dict[str, Any]) -> nn.Module:
+        localizer = self.build_localizer()  # first: the seeded initial weights depend on the order
+        grader = build_registered_model(self.config, role="grader", **self.crop_shape())
+        net = TwoStageNet(localizer, grader)
+        if "class_prior" in state:  # checkpoints written before the fallback existed lack it
+            prior = torch.tensor(state["class_prior"], dtype=torch.float32)
+            net.register_buffer("class_prior", prior, persistent=False)
+        return net
 
     # --------------------------------------------------------------------------- model
     def predicted_points(self, net: TwoStageNet, batch: dict[str, Any]) -> tuple[Any, np.ndarray]:
@@ -241,42 +303,63 @@ class TwoStageTask(TrainingTask):
         """Training: both parts on the dataset's crops in one call (DDP syncs both). Serving:
         localise, cut crops around the predicted points, grade them."""
         if "crops" in batch:
-            heatmaps, logits = model(batch["volumes"], batch["crops"])
-            return {"heatmaps": heatmaps, "logits": logits}
+            heads, logits = model(batch["volumes"], batch["crops"])
+            return {"heatmaps": heads[0], "supervision_heatmaps": heads[1:], "logits": logits}
         net = model.module if isinstance(model, DistributedDataParallel) else model
         heatmaps, points = self.predicted_points(net, batch)
         flipped = bool(batch["flipped"][0]) if "flipped" in batch else False
-        crops = np.stack(
-            [
-                study_crops(self.store, int(s), points[i], self.spec, flipped=flipped)[0]
-                for i, s in enumerate(batch["study_id"].cpu().numpy())
-            ]
-        )
-        logits = net.grader(torch.from_numpy(crops).to(batch["volumes"].device))
-        return {"heatmaps": heatmaps, "logits": logits}
+        cut = [
+            study_crops(self.store, int(s), points[i], self.spec, flipped=flipped)
+            for i, s in enumerate(batch["study_id"].cpu().numpy())
+        ]
+        device = batch["volumes"].device
+        logits = net.grader(torch.from_numpy(np.stack([c for c, _ in cut])).to(device))
+        outputs = {
+            "heatmaps": heatmaps,
+            "logits": logits,
+            "crop_present": torch.from_numpy(np.stack([p for _, p in cut])).to(device),
+        }
+        prior = getattr(net, "class_prior", None)
+        if prior is not None:
+            # slot j of a flipped study holds the crop of label LEFT_RIGHT_PERMUTATION[j]
+            outputs["fallback"] = prior[LEFT_RIGHT_PERMUTATION] if flipped else prior
+        return outputs
 
-    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        """The metric-shaped grading loss plus the weighted localisation loss."""
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        """The metric-shaped grading loss plus the weighted localisation loss (of every
+        deep-supervision head too, when the localizer has them: DynUNet)."""
         grading = severity_loss(
             outputs["logits"], batch["target"], self.config.loss.any_severe_weight
         )
         if self.params.localizer_weight == 0:
             return grading
-        heatmaps = outputs["heatmaps"]
+        heads = [outputs["heatmaps"], *outputs.get("supervision_heatmaps", [])]
         mask = batch["point_mask"] & batch["volume_present"][..., None]
-        locating = localizer_loss(
-            heatmaps.flatten(0, 1),
+        locating = heads_loss(
+            [h.flatten(0, 1) for h in heads],
             batch["point_targets"].flatten(0, 1),
             mask.flatten(0, 1),
-            sigma=self.params.heatmap_sigma,
+            self.params.heatmap_sigma,
         )
         return grading + self.params.localizer_weight * locating
 
     def probabilities(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grader's probabilities; a label without a crop (its grading series is missing,
+        or the study has no series at all) gets the training fold's class prior instead of
+        the grader's untrained answer to a blank crop (training always masked those)."""
         probs = outputs["logits"].float().softmax(dim=-1)
+        if "fallback" in outputs:
+            blank = ~outputs["crop_present"]
+            probs = torch.where(blank[..., None], outputs["fallback"].to(probs)[None], probs)
         return probs, torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
+
+    @classmethod
+    def prior_rows(cls, descriptions: Collection[str]) -> np.ndarray:
+        """The labels whose grading series the study lacks: they have no crop, so the class
+        prior answers them (:meth:`probabilities`)."""
+        return np.array([series not in descriptions for series in LABEL_SERIES])
 
     def flip_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Serve the study as its mirror image: each crop swaps with its twin (see study_crops)."""

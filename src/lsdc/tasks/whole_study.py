@@ -49,22 +49,7 @@ class WholeStudyTask(TrainingTask):
         return {"meta_normaliser": fit_meta_normaliser(self.store, train_study_ids)}
 
     def build_dataset(self, study_ids: np.ndarray, state: dict[str, Any], train: bool) -> Dataset:
-        a = self.config.augment
-        transform = (
-            training_transforms(
-                a.flip_prob,
-                a.affine_prob,
-                a.rotate_degrees,
-                a.scale,
-                a.elastic_prob,
-                a.noise_prob,
-                a.noise_std,
-                a.shift_prob,
-                a.intensity_shift,
-            )
-            if train
-            else None
-        )
+        transform = training_transforms(self.config.augment) if train else None
         labels = self._training_labels() if self.data_root is not None else None
         return WholeStudyDataset(
             self.store,

@@ -1,0 +1,278 @@
+"""``lsdc export``: trained runs -> one slim, self-describing folder for an offline notebook.
+
+The competition is scored by a notebook with no internet, so what it needs must travel as files:
+the served weights, what turns them into a submission, and lsdc itself. An export holds::
+
+    DIR/README.md            how to install offline and predict
+    DIR/requirements.txt     lsdc's pinned runtime dependencies (from its installed metadata)
+    DIR/wheels/lsdc-*.whl    lsdc, built from its source (left out with ``--no-wheel``)
+    DIR/<run>/               one per run, in the run-folder layout (lsdc.rundir), minus what
+                             serving does not read: no last.pt (optimiser, scheduler, scaler,
+                             RNG states), no OOF or metrics files
+        config.yaml, class_prior.csv, calibration.json (when the run was calibrated)
+        fold{k}/best.pt      the validated weights (the EMA's when EMA was on), config, task state
+        fold{k}/best.json    fold, seed, epoch, score
+
+``lsdc predict --run DIR/<run>`` reads an export exactly as it reads the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from lsdc.checkpoint import load_checkpoint, save_checkpoint
+from lsdc.errors import UserError
+from lsdc.rundir import FoldDir, RunDir
+from lsdc.utils import check_output_dir, write_text_atomic
+
+DISTRIBUTION = "lsdc"
+SERVED_KEYS = ("model", "config", "task_state")
+"""The entries of ``best.pt`` that serving reads (lsdc.inference.runs.predict_run)."""
+
+WHEEL_DIR = "wheels"
+REQUIREMENTS = "requirements.txt"
+README = "README.md"
+_BUILD_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in")
+_BUILD_GLOBS = ("README*", "LICEN[CS]E*")
+"""What the build reads besides ``src/``: ``pyproject.toml`` names the readme and the licence."""
+_NAME_LINE = re.compile(rf"""^name\s*=\s*["']{DISTRIBUTION}["']""", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_runs` wrote, with the sizes before and after."""
+
+    out_dir: Path
+    runs: list[Path]
+    wheel: Path | None
+    runs_bytes: int
+    export_bytes: int
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_exportable(run_dir: Path) -> list[FoldDir]:
+    """The folds of a finished run, or a one-line error saying what is missing.
+
+    Raises:
+        UserError: not a run folder, no fold, or a fold folder without its weights.
+    """
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise UserError(f"{run.root}: run folder not found")
+    for path, what in ((run.config, "config"), (run.class_prior, "class prior")):
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the run's {what}); is {run.root} an lsdc train run?")
+    folds = run.fold_dirs()
+    if not folds:
+        raise UserError(f"{run.root}: no fold folder; is it an lsdc train run folder?")
+    for fold in folds:
+        if not fold.best.is_file():
+            raise UserError(
+                f"{fold.best}: missing, so fold {fold.fold} has no weights to serve; finish the "
+                "run (lsdc train --resume) or remove that fold folder"
+            )
+    return folds
+
+
+def _export_run(run_dir: Path, dest: Path, folds: list[FoldDir]) -> None:
+    run, out = RunDir(run_dir), RunDir(dest)
+    out.root.mkdir(parents=True)
+    for path, target in (
+        (run.config, out.config),
+        (run.class_prior, out.class_prior),
+        (run.calibration, out.calibration),
+    ):
+        if path.is_file():
+            shutil.copyfile(path, target)
+    for fold in folds:
+        served = out.fold(fold.fold)
+        served.root.mkdir()
+        checkpoint = load_checkpoint(fold.best, map_location="cpu")
+        missing = [key for key in SERVED_KEYS if key not in checkpoint]
+        if missing:
+            raise UserError(f"{fold.best}: lacks {missing}; it was not written by lsdc train")
+        save_checkpoint({key: checkpoint[key] for key in SERVED_KEYS}, served.best)
+        if fold.best_info.is_file():
+            shutil.copyfile(fold.best_info, served.best_info)
+
+
+# ------------------------------------------------------------------------------------ the wheel
+def source_root() -> Path:
+    """The source folder lsdc is installed from (an editable or a local-folder install records it
+    in ``direct_url.json``), else the checkout around the imported package.
+
+    Raises:
+        UserError: lsdc was installed from a wheel or an index: there is no source to build.
+    """
+    import lsdc
+
+    candidates = []
+    try:
+        direct = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        direct = None
+    if direct:
+        url = urlparse(json.loads(direct).get("url", ""))
+        if url.scheme == "file":
+            candidates.append(Path(unquote(url.path)))
+    candidates.extend(Path(lsdc.__file__).resolve().parents[1:3])
+    for folder in candidates:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and _NAME_LINE.search(pyproject.read_text()):
+            return folder
+    raise UserError(
+        f"cannot find the lsdc source to build its wheel (lsdc is imported from "
+        f"{Path(lsdc.__file__).parent}, not from a source checkout); pass --no-wheel and ship "
+        "the wheel you installed lsdc from"
+    )
+
+
+def build_wheel(dest: Path) -> Path:
+    """Build the lsdc wheel into ``dest`` with pip, offline, from a copy of the source (so the
+    build leaves no ``build/`` or ``*.egg-info`` in the checkout).
+
+    Raises:
+        UserError: no source found, or pip failed (its last line is in the message).
+    """
+    root = source_root()
+    with tempfile.TemporaryDirectory(prefix="lsdc-wheel-") as tmp:
+        copy = Path(tmp) / "src-copy"
+        copy.mkdir()
+        names = {*(n for n in _BUILD_FILES if (root / n).is_file())}
+        names |= {p.name for g in _BUILD_GLOBS for p in root.glob(g) if p.is_file()}
+        for name in names:
+            shutil.copyfile(root / name, copy / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        shutil.copytree(root / "src", copy / "src", ignore=ignore)
+        built = Path(tmp) / "wheels"
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+        cmd += ["--no-index", "--quiet", "--wheel-dir", str(built), str(copy)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = sorted(built.glob(f"{DISTRIBUTION}-*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no wheel written"]
+            raise UserError(f"building the lsdc wheel from {root} failed: {lines[-1]}")
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(wheels[0], dest / wheels[0].name))
+
+
+def runtime_requirements() -> list[str]:
+    """lsdc's runtime dependencies as its installed metadata pins them (pyproject.toml is the
+    one place they are pinned); optional extras (``dev``) left out."""
+    try:
+        requires = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise UserError("lsdc is not installed (no distribution metadata to read)") from exc
+    return [r for r in requires if "extra ==" not in r.replace('"', "").replace("'", "")]
+
+
+def _readme(run_names: Sequence[str], wheel: Path | None, version: str) -> str:
+    runs = " ".join(f"$EXPORT/{name}" for name in run_names)
+    if wheel is not None:
+        install = (
+            "pip install --no-index --find-links $EXPORT/wheels lsdc\n"
+            "```\n\n"
+            "pip also needs the pinned dependencies of `requirements.txt` (torch, MONAI, ...). "
+            "Where the notebook lacks some, download their wheels beforehand on a machine with "
+            "internet (`pip download -r requirements.txt -d wheels`, same Python version and "
+            "platform as the notebook) and add them to `wheels/`; or add `--no-deps` to use the "
+            "notebook's own packages (then check them against `requirements.txt`)."
+        )
+    else:
+        install = (
+            f"# exported with --no-wheel: add the lsdc {version} wheel you installed from\n"
+            f"pip install --no-index --find-links /path/to/that/wheel/folder lsdc=={version}\n"
+            "```"
+        )
+    return (
+        f"# lsdc export: {len(run_names)} run(s) for offline inference\n\n"
+        f"Written by `lsdc export` (lsdc {version}) on {datetime.date.today().isoformat()}: "
+        f"{', '.join(run_names)}. Each run folder holds only what `lsdc predict` reads: every "
+        "fold's served weights (`fold{k}/best.pt`: model state, config, task state), the config, "
+        "the class prior (the fallback) and the calibration when the run was calibrated.\n\n"
+        "## Install (no internet)\n\n"
+        "```bash\n"
+        "EXPORT=/kaggle/input/your-export   # where this folder is\n"
+        f"{install}\n\n"
+        "## Predict\n\n"
+        "```bash\n"
+        f"lsdc predict --data /kaggle/input/rsna-2024-lumbar-spine-degenerative-classification \\\n"
+        f"    --run {runs} --out submission.csv\n"
+        "```\n\n"
+        "(`python -m lsdc.cli predict ...` does the same where pip's script folder is not on "
+        "the PATH.) "
+        "Every fold of every run is averaged, each run calibrated with its own "
+        "`calibration.json`; `predict_report.csv` beside the submission says which studies fell "
+        "back to the class prior, and why.\n"
+    )
+
+
+# ------------------------------------------------------------------------------------ the export
+def export_runs(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, wheel: bool = True
+) -> ExportResult:
+    """Write the export of ``run_dirs`` to ``out_dir`` (see the module docstring).
+
+    Everything is written into a temporary folder beside ``out_dir`` and renamed onto it at the
+    end: an interrupted export leaves no half-written folder.
+
+    Args:
+        run_dirs: finished run folders (lsdc train); their folder names must differ.
+        out_dir: a new or empty folder.
+        wheel: also build the lsdc wheel (needs lsdc's source; see :func:`source_root`).
+
+    Raises:
+        UserError: an incomplete run, two runs of the same name, a non-empty ``out_dir``, or no
+            source to build the wheel from.
+    """
+    out = check_output_dir(out_dir, "--out").absolute()
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out}: --out exists and is not empty; pick a new folder")
+    runs = [Path(r) for r in run_dirs]
+    if not runs:
+        raise UserError("nothing to export: give at least one --run")
+    names = [r.resolve().name for r in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"two runs share a folder name ({names}); export them separately")
+    folds = [check_exportable(r) for r in runs]
+    version = importlib.metadata.version(DISTRIBUTION)
+    requirements = runtime_requirements()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for run, name, run_folds in zip(runs, names, folds, strict=True):
+            _export_run(run, staging / name, run_folds)
+        built = build_wheel(staging / WHEEL_DIR) if wheel else None
+        header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
+        write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
+        write_text_atomic(_readme(names, built, version), staging / README)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return ExportResult(
+        out_dir=out,
+        runs=[out / n for n in names],
+        wheel=None if built is None else out / WHEEL_DIR / built.name,
+        runs_bytes=sum(folder_bytes(r) for r in runs),
+        export_bytes=folder_bytes(out),
+    )
