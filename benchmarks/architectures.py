@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import prepare_root, run_verb
 
-from lsdc.cli import main as lsdc
 from lsdc.config import load_config
 from lsdc.contract import load_solution, load_train_labels
 from lsdc.evaluation.metric import official_score
@@ -207,15 +207,6 @@ def _steps(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ table
-def _run(argv: list[str]) -> float:
-    """Run one lsdc verb, fail loudly, return its wall-clock seconds."""
-    started = time.perf_counter()
-    code = lsdc(argv)
-    if code != 0:
-        raise SystemExit(f"lsdc {' '.join(argv)} failed with exit code {code}")
-    return time.perf_counter() - started
-
-
 def _train_and_score(
     config: str,
     role_overrides: list[str],
@@ -228,13 +219,13 @@ def _train_and_score(
     """Train fold 0 of ``config`` (unless reused), serve the test split, score it."""
     if not (args.reuse and any(run.glob("fold*/best.pt"))):
         shutil.rmtree(run, ignore_errors=True)
-        _run(
+        run_verb(
             ["train", "--config", config, "--data", str(root), "--cache", str(train_cache)]
             + ["--out", str(run), "--no-progress", "folds.fold=0", *args.overrides]
             + role_overrides
         )
     submission = run.parent / f"submission_{run.name}.csv"
-    _run(
+    run_verb(
         ["predict", "--data", str(root), "--run", str(run), "--cache", str(test_cache)]
         + ["--out", str(submission), "--tta", "flip", "--no-calibration", "--quiet"]
     )
@@ -249,21 +240,9 @@ def _train_and_score(
 
 def _table(args: argparse.Namespace) -> None:
     out: Path = args.out
-    if args.data is not None:
-        root = args.data
-        cache_dir = args.cache if args.cache is not None else out / "cache"
-        train_cache, test_cache = cache_dir / "train", cache_dir / "test"
-    else:
-        root, train_cache, test_cache = out / "root", out / "cache_train", out / "cache_test"
-    if not (root / "solution_test.csv").is_file():
-        if args.data is not None:
-            raise SystemExit(f"{root}: not a synthetic root (no solution_test.csv)")
-        synth = ["synth", "--out", str(root), "--seed", str(args.seed), "--quiet"]
-        synth += ["--train-studies", str(args.train_studies), "--test-studies"]
-        _run([*synth, str(args.test_studies), *args.synth])
-    for split, cache in (("train", train_cache), ("test", test_cache)):
-        if not (cache / "index.csv").is_file():
-            _run(["preprocess", "--data", str(root), "--cache", str(cache), "--split", split])
+    root, train_cache, test_cache = prepare_root(
+        out, args.data, args.cache, args.seed, args.train_studies, args.test_studies, args.synth
+    )
 
     solution = load_solution(root / "solution_test.csv")
     oracle = official_score(solution, pd.read_csv(root / "oracle_test.csv")).score

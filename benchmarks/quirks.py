@@ -7,11 +7,12 @@ Usage::
         [--test-studies 100] [--seed 0] [--config two_stage_demo] [--tta none|flip]
         [--synth KEY=VALUE] [key=value ...]
 
-Two synthetic roots are written with one seed: ``quirks off`` (``--missing-coordinates-rate 0
---reversed-storage-rate 0``; every older realism switch at its default) and ``quirks on`` (every
-switch at its default, i.e. at the rates docs/synthetic.md states). The new switches draw from
-random streams of their own, so the two roots hold the same studies, labels and pixels except
-where a quirk fires. Each is run the way ``lsdc demo`` runs: preprocess, ``lsdc train`` (one
+Two synthetic roots are written with one seed: ``quirks off`` (the quirks of issue 16 switched
+off: missing coordinate rows, reversed storage, split axial coverage in two series or two stacks,
+missing series; every other realism switch at its default) and ``quirks on`` (every
+switch at its default, i.e. at the rates docs/synthetic.md states). Labels and anatomy are drawn
+before any series is planned, so both roots hold the same studies with the same answers; what
+follows the series layout (noise, rendering draws) may differ. Each is run the way ``lsdc demo`` runs: preprocess, ``lsdc train`` (one
 fold, ``folds.fold=0``, plus any ``key=value``), ``lsdc evaluate --run`` (the calibration, its
 gain cross-fitted out of sample), ``lsdc predict`` of the test split with and without the
 calibration (``--tta`` as given, and the calibration refitted on out-of-fold rows made with that
@@ -25,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import run_verb
 
-from lsdc.cli import main as lsdc
 from lsdc.contract import (
     GRADING_SERIES,
     all_row_ids,
@@ -45,19 +45,19 @@ from lsdc.preprocessing.cache import read_cache_index, stack_paths
 from lsdc.utils import write_json_atomic
 
 VARIANTS: dict[str, list[str]] = {
-    "quirks off": ["--missing-coordinates-rate", "0", "--reversed-storage-rate", "0"],
+    "quirks off": [
+        f"--{name}-rate=0"
+        for name in (
+            "missing-coordinates",
+            "reversed-storage",
+            "two-axial-series",
+            "multi-stack-axial",
+            "missing-series",
+        )
+    ],
     "quirks on": [],
 }
-"""Synth flags of each variant (on top of --synth): the new switches off, or at their defaults."""
-
-
-def _run(argv: list[str]) -> float:
-    """Run one lsdc verb, fail loudly, return its wall-clock seconds."""
-    started = time.perf_counter()
-    code = lsdc(argv)
-    if code != 0:
-        raise SystemExit(f"lsdc {' '.join(argv)} failed with exit code {code}")
-    return time.perf_counter() - started
+"""Synth flags of each variant (on top of --synth): the quirks off, or at their default rates."""
 
 
 def _quirk_counts(root: Path, cache: Path) -> dict[str, int]:
@@ -107,12 +107,14 @@ def main() -> None:
         if not (root / "solution_test.csv").is_file():
             synth = ["synth", "--out", str(root), "--seed", str(args.seed), "--quiet"]
             synth += ["--train-studies", str(args.train_studies)]
-            _run([*synth, "--test-studies", str(args.test_studies), *flags, *extra])
+            run_verb([*synth, "--test-studies", str(args.test_studies), *flags, *extra])
         for split, cache in caches.items():
             if not (cache / "index.csv").is_file():
-                _run(["preprocess", "--data", str(root), "--cache", str(cache), "--split", split])
+                run_verb(
+                    ["preprocess", "--data", str(root), "--cache", str(cache), "--split", split]
+                )
         shutil.rmtree(run, ignore_errors=True)  # retrained on every call
-        seconds = _run(
+        seconds = run_verb(
             [
                 "train", "--config", args.config, "--data", str(root), "--cache",
                 str(caches["train"]), "--out", str(run), "--no-progress", "folds.fold=0",
@@ -130,13 +132,13 @@ def main() -> None:
         ]
         if args.tta == "flip":
             evaluate += ["--cache", str(caches["train"]), "--tta", "flip"]
-        _run(evaluate)
+        run_verb(evaluate)
         calibration = json.loads((run / "calibration.json").read_text())
         solution = load_solution(root / "solution_test.csv")
         scores = {}
         for label, no_cal in (("raw", ["--no-calibration"]), ("calibrated", [])):
             submission = base / f"submission_{label}.csv"
-            _run(
+            run_verb(
                 [
                     "predict", "--data", str(root), "--run", str(run), "--cache",
                     str(caches["test"]), "--out", str(submission), "--tta", args.tta, "--quiet",

@@ -15,20 +15,20 @@ One run does, in order:
 3. For each N: ``lsdc train --config two_stage`` on CPU with ``data.cache_in_memory=false``, one
    epoch capped at ``--steps`` optimiser steps (the benchmark wraps the engine's loader; nothing
    else changes) and a validation fold of about ``--val-studies`` studies, so that the work is
-   the same at every N: its peak RSS (training process, and its loader workers) must not grow
-   with N.
+   the same at every N: the training process's peak RSS must not grow with N (its loader
+   workers are forked from it, so their RSS counts its pages again; step 4 measures them alone).
 4. At the largest N, the loader alone (the two-stage training dataset through the engine's
    DataLoader): a first pass over every study (it writes the localizer grids into the cache),
    then ``num_workers`` 0, 1 and 2 over ``--loader-batches`` batches, against the model step alone
    (random batches of the same shapes): samples/s, and the loader's memory after the pass.
 5. ``lsdc predict`` of the test studies with the largest N's run: seconds per study.
-6. The extrapolation to 1,975 studies: preprocess hours on ``--cores``, cache GB, RAM, and the
+6. The extrapolation to 1,975 studies: preprocess CPU minutes on ``--cores``, cache GB, RAM, the
    loader workers a GPU stepping K samples/s needs (K = ``--gpu-rates``, until measured).
 
 Prints the tables and writes them to ``--work``/scale.md and scale.json. Each step runs in its own
 process, so each peak RSS is that step's alone. ``--sizes 3 5 --steps 1 --batch-size 1
---val-studies 2 --test-studies 2 --loader-batches 2 --model-steps 1`` checks the script end to end
-in a few minutes.
+--val-studies 3 --test-studies 1 --loader-batches 2 --model-steps 1`` checks the script end to end
+in about two minutes.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def in_child(target: Callable[..., dict[str, Any]], *args: Any, log: Path) -> di
     its result plus its peak RSS and that of its reaped children (loader workers), MB."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child_main, args=(target, args, str(log), queue))
+    process = ctx.Process(
+        target=_child_main, args=(target, args, str(log), queue, mp.get_start_method())
+    )
     process.start()
     while True:
         try:
@@ -99,7 +101,12 @@ def in_child(target: Callable[..., dict[str, Any]], *args: Any, log: Path) -> di
     return result
 
 
-def _child_main(target: Callable[..., dict[str, Any]], args: tuple, log: str, queue: Any) -> None:
+def _child_main(
+    target: Callable[..., dict[str, Any]], args: tuple, log: str, queue: Any, start_method: str
+) -> None:
+    # A spawned child defaults to spawning its own children; the loader workers of the measured
+    # code must start as they do when it runs from the command line (fork, on Linux).
+    mp.set_start_method(start_method, force=True)
     with open(log, "a") as handle:
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)

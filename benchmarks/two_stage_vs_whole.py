@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import prepare_root, run_verb
 
-from lsdc.cli import main as lsdc
 from lsdc.contract import (
     labels_to_solution,
     load_solution,
@@ -43,15 +42,6 @@ from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
 from lsdc.tasks.two_stage import localization_oof, summarize_localization
 from lsdc.utils import write_json_atomic
-
-
-def _run(argv: list[str]) -> float:
-    """Run one lsdc verb, fail loudly, return its wall-clock seconds."""
-    started = time.perf_counter()
-    code = lsdc(argv)
-    if code != 0:
-        raise SystemExit(f"lsdc {' '.join(argv)} failed with exit code {code}")
-    return time.perf_counter() - started
 
 
 def _oof_score(root: Path, run: Path) -> float:
@@ -86,21 +76,9 @@ def main() -> None:
     args = parser.parse_args()
 
     out: Path = args.out
-    if args.data is not None:
-        root = args.data
-        cache_dir = args.cache if args.cache is not None else out / "cache"
-        train_cache, test_cache = cache_dir / "train", cache_dir / "test"
-    else:
-        root, train_cache, test_cache = out / "root", out / "cache_train", out / "cache_test"
-    if not (root / "solution_test.csv").is_file():
-        if args.data is not None:
-            raise SystemExit(f"{root}: not a synthetic root (no solution_test.csv)")
-        synth = ["synth", "--out", str(root), "--seed", str(args.seed), "--quiet"]
-        synth += ["--train-studies", str(args.train_studies)]
-        _run(synth + ["--test-studies", str(args.test_studies)])
-    for split, cache in (("train", train_cache), ("test", test_cache)):
-        if not (cache / "index.csv").is_file():
-            _run(["preprocess", "--data", str(root), "--cache", str(cache), "--split", split])
+    root, train_cache, test_cache = prepare_root(
+        out, args.data, args.cache, args.seed, args.train_studies, args.test_studies, ()
+    )
 
     solution = load_solution(root / "solution_test.csv")
     scores: dict[str, dict[str, float]] = {}
@@ -113,7 +91,7 @@ def main() -> None:
     for name, (config, run) in runs.items():
         if not (args.reuse and any(run.glob("fold*/best.pt"))):
             shutil.rmtree(run, ignore_errors=True)
-            _run(
+            run_verb(
                 [
                     "train",
                     "--config",
@@ -132,7 +110,7 @@ def main() -> None:
         metrics = pd.concat([pd.read_csv(p) for p in sorted(run.glob("fold*/metrics.csv"))])
         seconds[name] = float(metrics["seconds"].sum())
         submission = out / f"submission_{run.name}.csv"
-        _run(
+        run_verb(
             [
                 "predict",
                 "--data",
@@ -151,7 +129,7 @@ def main() -> None:
         )
         scores[name] = official_score(solution, pd.read_csv(submission)).as_dict()
     both = out / "submission_ensemble.csv"
-    _run(
+    run_verb(
         [
             "predict",
             "--data",

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_overrides import TINY_TWO_STAGE
 
 from lsdc.config import AugmentConfig
+from lsdc.synth.config import SynthConfig
 
 TINY_SYNTH = {"train_studies": 6, "test_studies": 2, "seed": 0, "image_size": 32, "slices": 8}
 
@@ -32,14 +34,20 @@ in one series and one split into two series)."""
 
 
 @pytest.fixture(scope="session")
-def competition_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def competition_config() -> SynthConfig:
+    """The config of ``competition_root``."""
+    return SynthConfig(**COMPETITION_SYNTH)
+
+
+@pytest.fixture(scope="session")
+def competition_root(
+    competition_config: SynthConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A synthetic root of ``lsdc synth --profile competition`` (COMPETITION_SYNTH)."""
-    from lsdc.synth.generator import SynthConfig, synthesize
+    from lsdc.synth.generator import synthesize
 
     return synthesize(
-        tmp_path_factory.mktemp("competition") / "root",
-        SynthConfig(**COMPETITION_SYNTH),
-        progress=False,
+        tmp_path_factory.mktemp("competition") / "root", competition_config, progress=False
     )
 
 
@@ -72,19 +80,6 @@ def tiny_run(synth_root: Path, synth_cache: Path, tmp_path_factory: pytest.TempP
     argv = ["train", "--config", "tiny", "--data", str(synth_root), "--cache", str(synth_cache)]
     assert main([*argv, "--out", str(run), "--no-progress"]) == 0
     return run
-
-
-TINY_TWO_STAGE = [
-    "data.volume_size=[16,32,32]",
-    "data.batch_size=2",
-    "model.params={widths: [8, 8, 16, 16], layers: [1, 1, 1, 1]}",
-    "task_params.localizer.params={features: [4, 4, 8, 8, 8, 4]}",
-    "task_params.crop_size=16",
-    "task_params.crop_slices=3",
-    "optim.epochs=1",
-    "folds.n_folds=2",
-]
-"""Overrides that shrink ``two_stage_demo`` to seconds on ``synth_cache``."""
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,17 @@ def test_two_stage_config_steps_on_a_competition_study(
     assert torch.isfinite(loss)
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def test_a_store_travels_to_spawned_workers_without_its_stacks(own_cache: Path) -> None:
+    """Loader workers started by spawn or forkserver receive the dataset pickled: a store that
+    has opened every stack (as placing the labels does) must not carry their pixels along."""
+    import pickle
+
+    store = StackStore(own_cache, in_memory=False)
+    keys = [key for s in store.study_ids() for d in LOCALIZER_SERIES for key in store.stacks(s, d)]
+    pixels = sum(store.load(key).array.nbytes for key in keys)
+    travelled = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < 0.05 * pixels
+    for key in keys:
+        np.testing.assert_array_equal(travelled.load(key).array, store.load(key).array)

@@ -24,7 +24,7 @@ from lsdc.config import ConfigError, load_config
 from lsdc.contract import PRED_COLUMNS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.inference.predict import predict_split
-from lsdc.preprocessing.cache import CACHE_FORMAT, preprocess_split
+from lsdc.preprocessing.cache import CACHE_FORMAT, DERIVED_FORMAT, preprocess_split
 from lsdc.training.engine import check_run_dir
 from lsdc.utils import write_json_atomic
 
@@ -34,8 +34,12 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THR
 
 
 def tree(folder: Path) -> dict[str, bytes]:
+    """Every file preprocess writes, with its bytes (derived grids, which training adds to a
+    cache on first use, are not preprocess's)."""
     return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(f"grid{DERIVED_FORMAT}-")
     }
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from conftest import COMPETITION_SYNTH
 
 from lsdc.cli import main
 from lsdc.contract import (
@@ -63,7 +62,9 @@ def contract_root(request: pytest.FixtureRequest) -> tuple[Path, SynthConfig]:
     data-contract check."""
     if request.param == "default":
         return request.getfixturevalue("small_root"), SMALL
-    return request.getfixturevalue("competition_root"), SynthConfig(**COMPETITION_SYNTH)
+    return request.getfixturevalue("competition_root"), request.getfixturevalue(
+        "competition_config"
+    )
 
 
 @pytest.fixture(scope="module")

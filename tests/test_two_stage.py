@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_overrides import TINY_TWO_STAGE
 
 from lsdc.config import ConfigError, load_config
 from lsdc.contract import (
@@ -34,17 +35,6 @@ from lsdc.datasets.levels import (
 from lsdc.preprocessing.geometry import StackGeometry
 
 torch.set_num_threads(1)
-
-TWO_STAGE_TINY = [
-    "data.volume_size=[16,32,32]",
-    "data.batch_size=2",
-    "model.params={widths: [8, 8, 16, 16], layers: [1, 1, 1, 1]}",
-    "task_params.localizer.params={features: [4, 4, 8, 8, 8, 4]}",
-    "task_params.crop_size=16",
-    "task_params.crop_slices=3",
-    "optim.epochs=1",
-    "folds.n_folds=2",
-]
 
 
 def _synth(root: Path, **rates: float) -> tuple[Path, Path]:
@@ -291,7 +281,7 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
         root,
         cache,
         tmp_path / "run",
-        [*TWO_STAGE_TINY, "optim.epochs=40", "optim.lr=0.01", "optim.warmup_epochs=1"]
+        [*TINY_TWO_STAGE, "optim.epochs=40", "optim.lr=0.01", "optim.warmup_epochs=1"]
         + ["folds.fold=0"],
         progress=False,
     )
@@ -316,7 +306,7 @@ def test_train_then_serve_through_the_engine(
 
     run = tmp_path / "run"
     argv = ["train", "--config", "two_stage_demo", "--data", str(synth_root)]
-    argv += ["--cache", str(synth_cache), "--out", str(run), "--no-progress", *TWO_STAGE_TINY]
+    argv += ["--cache", str(synth_cache), "--out", str(run), "--no-progress", *TINY_TWO_STAGE]
     assert main(argv) == 0
     oof = pd.read_csv(run / "oof.csv")
     assert len(oof) > 0 and np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1)

@@ -4,7 +4,6 @@ from an installed copy (not only from a source checkout)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel built from a copy of the source (the checkout stays clean), installed into a
-    target folder that is put first on PYTHONPATH."""
+    """The wheel ``lsdc export`` ships (built offline from a copy of the source), installed into
+    a target folder that is put first on PYTHONPATH."""
+    from lsdc.inference.export import build_wheel
+
     work = tmp_path_factory.mktemp("wheel")
-    source = work / "source"
-    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    wheels = work / "wheels"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
-        check=True,
-        cwd=work,
-    )
+    wheel = build_wheel(work / "wheels")
     target = work / "site"
-    (wheel,) = wheels.glob("lsdc-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install"]
+    subprocess.run([*pip, "--no-deps", "--target", str(target), str(wheel)], check=True)
     return target
 
 

@@ -91,6 +91,16 @@ class StackStore:
             key = (int(r.study_id), int(r.series_id), int(r.stack))
             self._by_series.setdefault((key[0], key[1]), []).append(key)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The store as it travels to a loader worker started by ``spawn`` or ``forkserver``
+        (macOS; Linux from Python 3.14): without the stacks it opened, which the worker opens
+        again on demand. Pickled, a memory map is a full copy of its file: the stacks a training
+        process opens to place the labels (every stack of every study) would otherwise be
+        copied into every worker of every epoch."""
+        state = self.__dict__.copy()
+        state["_stacks"] = {}
+        return state
+
     def study_ids(self) -> np.ndarray:
         """Every study with at least one usable stack."""
         return np.unique(self.index["study_id"].to_numpy(np.int64))
