@@ -5,7 +5,7 @@ Two commands::
     python benchmarks/architectures.py steps [--steps 5] [--batch-size B]
     python benchmarks/architectures.py table --out DIR [--data ROOT --cache DIR]
         [--train-studies 1000] [--test-studies 100] [--seed 0] [--architectures a,b,...]
-        [--two-stage KEY=VALUE] [--whole KEY=VALUE] [--synth=--ARG=VALUE] [--reuse]
+        [--two-stage KEY=VALUE] [--whole KEY=VALUE] [--synth=--ARG=VALUE] [--reuse] [--skip-whole]
         [key=value ...]
 
 ``steps`` times optimiser steps of every stage-1 and stage-2 network at the size its shipped config
@@ -257,7 +257,7 @@ def _table(args: argparse.Namespace) -> None:
         localisation = summarize_localization(localization_oof(two_stage, train_cache, root))
         overall = localisation.set_index("group").loc["all"]
         row |= {"median_mm": float(overall["median_mm"]), "p90_mm": float(overall["p90_mm"])}
-        whole_config = WHOLE_CONFIGS[name]
+        whole_config = None if args.skip_whole else WHOLE_CONFIGS[name]
         if whole_config is not None:
             whole = _train_and_score(
                 whole_config,
@@ -323,6 +323,9 @@ def main() -> None:
             flag, action="append", default=[], metavar="KEY=VALUE", help=f"a {role} override"
         )
     table.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
+    table.add_argument(
+        "--skip-whole", action="store_true", help="the two-stage roles only (no whole-series runs)"
+    )
     table.add_argument("overrides", nargs="*", metavar="key=value", help="for every training")
     args = parser.parse_args()
     unknown = set(getattr(args, "architectures", [])) - set(ARCHITECTURES)
