@@ -5,7 +5,8 @@ Two commands::
     python benchmarks/architectures.py steps [--steps 5] [--batch-size B]
     python benchmarks/architectures.py table --out DIR [--data ROOT --cache DIR]
         [--train-studies 1000] [--test-studies 100] [--seed 0] [--architectures a,b,...]
-        [--two-stage KEY=VALUE] [--whole KEY=VALUE] [--synth=--ARG=VALUE] [--reuse] [--skip-whole]
+        [--two-stage KEY=VALUE] [--whole KEY=VALUE] [--synth=--ARG=VALUE] [--reuse]
+        [--skip-whole | --skip-two-stage]
         [key=value ...]
 
 ``steps`` times optimiser steps of every stage-1 and stage-2 network at the size its shipped config
@@ -25,9 +26,10 @@ studies), serves each run with ``lsdc predict`` (flip TTA, no calibration), scor
 official metric on ``solution_test.csv``, and prints per architecture: test score and share of
 the prior->oracle gap closed for both roles, training seconds (the engine's, validation
 included), epochs, and stage 1's out-of-fold localisation error (median and p90 mm).
-``key=value`` overrides apply to every training (e.g. ``optim.epochs=1`` to prove the script),
-``--two-stage`` / ``--whole`` (repeatable) to one role's; ``--synth`` passes an argument on to
-``lsdc synth`` (e.g. ``--synth=--image-size=32``).
+``--skip-whole`` or ``--skip-two-stage`` trains one role only (the class prior then comes from
+the run that was trained). ``key=value`` overrides apply to every training (e.g.
+``optim.epochs=1`` to prove the script), ``--two-stage`` / ``--whole`` (repeatable) to one
+role's; ``--synth`` passes an argument on to ``lsdc synth`` (e.g. ``--synth=--image-size=32``).
 """
 
 from __future__ import annotations
@@ -248,38 +250,48 @@ def _table(args: argparse.Namespace) -> None:
     oracle = official_score(solution, pd.read_csv(root / "oracle_test.csv")).score
     rows = []
     for name in args.architectures:
-        two_stage = out / f"run_{name}"
         row: dict[str, object] = {"architecture": name, "role": ARCHITECTURES[name]}
-        row |= _train_and_score(
-            TWO_STAGE_CONFIGS[name], args.two_stage, root, train_cache, test_cache, two_stage, args
-        )
-        prior = official_score(solution, prior_submission(two_stage, solution["row_id"])).score
-        localisation = summarize_localization(localization_oof(two_stage, train_cache, root))
-        overall = localisation.set_index("group").loc["all"]
-        row |= {"median_mm": float(overall["median_mm"]), "p90_mm": float(overall["p90_mm"])}
-        whole_config = None if args.skip_whole else WHOLE_CONFIGS[name]
-        if whole_config is not None:
-            whole = _train_and_score(
-                whole_config,
-                args.whole,
+        prior_run = None
+        if not args.skip_two_stage:
+            prior_run = out / f"run_{name}"
+            row |= _train_and_score(
+                TWO_STAGE_CONFIGS[name],
+                args.two_stage,
                 root,
                 train_cache,
                 test_cache,
-                out / f"run_whole_{name}",
+                prior_run,
                 args,
             )
+            localisation = summarize_localization(localization_oof(prior_run, train_cache, root))
+            overall = localisation.set_index("group").loc["all"]
+            row |= {"median_mm": float(overall["median_mm"]), "p90_mm": float(overall["p90_mm"])}
+        whole_config = None if args.skip_whole else WHOLE_CONFIGS[name]
+        if whole_config is not None:
+            whole_run = out / f"run_whole_{name}"
+            whole = _train_and_score(
+                whole_config, args.whole, root, train_cache, test_cache, whole_run, args
+            )
             row |= {f"whole_{k}": v for k, v in whole.items()}
-        row["prior"] = prior
+            prior_run = prior_run or whole_run
+        if prior_run is None:
+            continue
+        row["prior"] = official_score(
+            solution, prior_submission(prior_run, solution["row_id"])
+        ).score
         rows.append(row)
         print(f"{name}: {row}", flush=True)
 
+    if not rows:
+        raise SystemExit("nothing to train: no architecture named has a whole-series baseline")
     table = pd.DataFrame(rows).set_index("architecture")
     for prefix in ("", "whole_"):
         if f"{prefix}score" in table:
             gap = (table["prior"] - table[f"{prefix}score"]) / (table["prior"] - oracle)
             table[f"{prefix}gap_closed"] = gap
     columns = ["role", "score", "gap_closed", "train_s", "epochs", "median_mm", "p90_mm"]
-    columns += [c for c in ("whole_score", "whole_gap_closed", "whole_train_s") if c in table]
+    columns += ["whole_score", "whole_gap_closed", "whole_train_s", "whole_epochs"]
+    columns = [c for c in columns if c in table]
     pd.set_option("display.width", 160)
     n_train = len(load_train_labels(root / "train.csv"))
     print(
@@ -291,7 +303,8 @@ def _table(args: argparse.Namespace) -> None:
     print(table[columns].round(4).to_string())
     table.to_csv(out / "architectures.csv")
     print(f"\nfigures: {out / 'architectures.csv'}")
-    if not np.isfinite(table["score"]).all():
+    scores = table[[c for c in ("score", "whole_score") if c in table]]
+    if not np.isfinite(scores.to_numpy(dtype=float)).all():
         raise SystemExit("a score is not finite")
 
 
@@ -323,8 +336,14 @@ def main() -> None:
             flag, action="append", default=[], metavar="KEY=VALUE", help=f"a {role} override"
         )
     table.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
-    table.add_argument(
+    skip = table.add_mutually_exclusive_group()
+    skip.add_argument(
         "--skip-whole", action="store_true", help="the two-stage roles only (no whole-series runs)"
+    )
+    skip.add_argument(
+        "--skip-two-stage",
+        action="store_true",
+        help="the whole-series baselines only (no two-stage runs, no localisation error)",
     )
     table.add_argument("overrides", nargs="*", metavar="key=value", help="for every training")
     args = parser.parse_args()

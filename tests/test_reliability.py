@@ -458,6 +458,15 @@ def test_path_problems_are_one_line_errors(
         (train_argv(synth_root, synth_cache, a_file), "--out is a file, not a folder"),
         ([*predict, "--out", str(tmp_path)], "--out is a folder; give the path of a file"),
         ([*predict, "--cache", str(a_file)], "--cache is a file, not a folder"),
+        (train_argv(synth_root, a_file, tmp_path / "new_run"), "--cache is a file, not a folder"),
+        (
+            train_argv(synth_root, tmp_path / "none", tmp_path / "new_run"),
+            "--cache folder not found",
+        ),
+        (
+            ["predict", "--data", root, "--run", str(a_file)],
+            f"{a_file}: run is a file, not a folder",
+        ),
         (["preprocess", "--data", root, "--cache", str(a_file), *split], "is a file, not a"),
         (
             ["preprocess", "--data", root, "--cache", str(read_only / "c"), *split],

@@ -73,6 +73,22 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
+def check_input_dir(path: str | Path, what: str) -> Path:
+    """Refuse, before any work, an input folder that is missing or is a file: one line naming
+    ``what`` (a flag, or what the folder holds: ``"run"``) and the path, instead of a traceback
+    from deep inside.
+
+    Raises:
+        UserError: the problem, naming the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {what} is a file, not a folder")
+    if not path.is_dir():
+        raise UserError(f"{path}: {what} folder not found")
+    return path
+
+
 def check_output_file(path: str | Path, flag: str) -> Path:
     """Refuse, before any work, an output file path that cannot be written: an existing folder,
     or a parent that is a file or not writable (one line naming ``flag`` and the path).

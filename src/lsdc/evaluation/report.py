@@ -51,7 +51,7 @@ from lsdc.evaluation.calibration import (
 from lsdc.evaluation.diagnostics import align, diagnose, load_predictions
 from lsdc.evaluation.metric import SubmissionError
 from lsdc.rundir import RunDir
-from lsdc.utils import check_output_dir, write_json_atomic, write_text_atomic
+from lsdc.utils import check_input_dir, check_output_dir, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from lsdc.evaluation.viewer import StudyViewer
@@ -117,8 +117,8 @@ def evaluate_files(
             "--run fits the calibration, which must come from out-of-fold predictions scored "
             "against train.csv (--data ROOT), never from the test solution"
         )
-    if run is not None and not run.is_dir():
-        raise UserError(f"{run}: run folder not found")
+    if run is not None:
+        check_input_dir(run, "run")
     if cache_dir is not None and run is None:
         raise UserError("--cache draws the run's studies in the report: give --run RUN too")
     out = Path(out_dir) if out_dir is not None else None

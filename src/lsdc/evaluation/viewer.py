@@ -54,7 +54,7 @@ from lsdc.errors import UserError
 from lsdc.evaluation import plots
 from lsdc.evaluation.metric import weighted_log_loss
 from lsdc.preprocessing.geometry import StackGeometry
-from lsdc.utils import atomic_path, write_text_atomic
+from lsdc.utils import atomic_path, check_input_dir, write_text_atomic
 
 PREDICTED_RGB = (255, 40, 40)
 """Stage 1's predicted points: red crosses (no pixel of a grey slice is this red)."""
@@ -237,8 +237,7 @@ class RunModels:
 
         self.run_dir, self.cache_dir = Path(run_dir), Path(cache_dir)
         run = RunDir(self.run_dir)
-        if not self.run_dir.is_dir():
-            raise UserError(f"{self.run_dir}: run folder not found")
+        check_input_dir(self.run_dir, "run")
         self.checkpoints = {fold.fold: fold.best for fold in run.trained_folds()}
         if not self.checkpoints:
             raise UserError(

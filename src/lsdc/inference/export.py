@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlparse
 from lsdc.checkpoint import load_checkpoint, save_checkpoint
 from lsdc.errors import UserError
 from lsdc.rundir import FoldDir, RunDir
-from lsdc.utils import check_output_dir, write_text_atomic
+from lsdc.utils import check_input_dir, check_output_dir, write_text_atomic
 
 DISTRIBUTION = "lsdc"
 SERVED_KEYS = ("model", "config", "task_state")
@@ -73,8 +73,7 @@ def check_exportable(run_dir: Path) -> list[FoldDir]:
         UserError: not a run folder, no fold, or a fold folder without its weights.
     """
     run = RunDir(run_dir)
-    if not run.root.is_dir():
-        raise UserError(f"{run.root}: run folder not found")
+    check_input_dir(run.root, "run")
     for path, what in ((run.config, "config"), (run.class_prior, "class prior")):
         if not path.is_file():
             raise UserError(f"{path}: missing (the run's {what}); is {run.root} an lsdc train run?")

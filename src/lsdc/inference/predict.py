@@ -47,7 +47,7 @@ from lsdc.errors import UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
-from lsdc.utils import check_output_dir, check_output_file
+from lsdc.utils import check_input_dir, check_output_dir, check_output_file
 
 PredictRunFn = Callable[..., np.ndarray]
 """``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
@@ -120,9 +120,7 @@ def prior_submission(run_dir: str | Path, row_ids: Sequence[str]) -> pd.DataFram
 
 def check_run(run_dir: str | Path) -> Path:
     """Refuse early what cannot be a run, before any minute is spent preprocessing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run folder not found")
+    run_dir = check_input_dir(run_dir, "run")
     if not RunDir(run_dir).trained_folds():
         raise UserError(f"{run_dir}: no fold*/best.pt checkpoint; is it a finished lsdc train run?")
     return run_dir

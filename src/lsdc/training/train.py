@@ -14,6 +14,7 @@ from lsdc.distributed import init_distributed, shutdown_distributed
 from lsdc.errors import UserError
 from lsdc.tasks.base import create_task
 from lsdc.training.engine import FoldResult, train_run
+from lsdc.utils import check_input_dir
 
 
 def train(
@@ -47,8 +48,7 @@ def train(
     else:
         config = load_config(config, list(overrides))
     for flag, folder in (("--data", data_root), ("--cache", cache_dir)):
-        if not Path(folder).is_dir():
-            raise UserError(f"{folder}: {flag} folder not found")
+        check_input_dir(folder, flag)
     ctx = init_distributed(None if device == "auto" else device)
     try:
         task = create_task(config, Path(cache_dir), Path(data_root))
