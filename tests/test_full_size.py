@@ -70,13 +70,15 @@ def test_two_stage_config_steps_on_a_competition_study(
     competition_root: Path, tmp_path: Path
 ) -> None:
     """two_stage.yaml as shipped (32 x 128 x 128 grids, 25 crops of 5 x 64 x 64, the full
-    grader), batch size 1, on CPU with its bf16 autocast: one training item of a 320-512 px
-    study with a two-stack Axial T2 goes forward and backward, and every parameter of both
-    stages gets a finite gradient."""
+    grader), batch size 1, on CPU in fp32 (its bf16 is for a GPU: on a CPU without native bf16 it
+    runs many times slower, benchmarks/cpu_bf16.py): one training item of a 320-512 px study
+    with a two-stack Axial T2 goes forward and backward, and every parameter of both stages gets
+    a finite gradient."""
     cache = tmp_path / "cache"
     preprocess_split(competition_root, cache, "train", progress=False)
     config = load_config(
-        "two_stage", ["data.batch_size=1", "data.num_workers=0", "data.cache_in_memory=false"]
+        "two_stage",
+        ["data.batch_size=1", "data.num_workers=0", "data.cache_in_memory=false", "optim.amp=none"],
     )
     task = create_task(config, cache, competition_root)
     ids = task.training_labels()["study_id"].to_numpy()[:1]
