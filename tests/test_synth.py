@@ -377,25 +377,78 @@ COMMITTED_SWITCHES = (
     "unordered_instances_rate", "oblique_rate", "matrix_variation_rate", "missing_spacing_rate",
     "unlabelled_rate",
 )  # fmt: skip
-"""The realism switches the generator had when the pinned digest below was taken."""
+"""The realism switches the generator had when the pinned output below was taken."""
 
 
-def test_default_profile_writes_the_bytes_it_wrote_before_profiles_existed(tmp_path: Path) -> None:
-    """The demo's data did not move when the competition profile came: this digest is the
-    generator's output before it (realism switches added since are set to 0, their own tests
-    cover them)."""
+PINNED_OUTPUT = Path(__file__).parent / "data" / "synth_default_5047459.npz"
+"""What commit 5047459's generator (before ``--profile``) wrote for the config below: every CSV's
+columns, every DICOM's header elements and pixels, as ``synth_fingerprint`` reads them (taken
+2026-12-01 from a worktree of that commit: ``synth_fingerprint(synthesize(...))`` saved with
+``np.savez_compressed``)."""
+
+NUMERIC_VRS = {"DS", "IS", "FD", "FL", "US", "UL", "SS", "SL"}
+
+
+def synth_fingerprint(root: Path) -> dict[str, np.ndarray]:
+    """A synthetic root as arrays that survive a change of CPU: the generator's floats may round
+    differently in the last bit on another machine (AVX2 or AVX-512 paths), so bytes cannot be
+    pinned across machines; values can, within a tolerance. Per file: ``text`` (names and
+    non-numeric values), ``numbers`` (numeric values), ``pixels`` (DICOM only)."""
+    entries: dict[str, np.ndarray] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = str(path.relative_to(root))
+        text, numbers = [], []
+        if path.suffix == ".csv":
+            frame = pd.read_csv(path)
+            for column in frame.columns:
+                values = frame[column].to_numpy()
+                if values.dtype.kind in "fiub":
+                    text.append(column)
+                    numbers.extend(values.astype(float))
+                else:
+                    text.extend([column, *values.astype(str)])
+        elif path.suffix == ".dcm":
+            dataset = pydicom.dcmread(path)
+            entries[f"{name}|pixels"] = dataset.pixel_array.astype(np.int32)
+            for element in dataset:
+                if element.keyword in ("PixelData", "") or element.VR == "SQ":
+                    continue
+                value = element.value
+                values = list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
+                if element.VR in NUMERIC_VRS:
+                    text.append(element.keyword)
+                    numbers.extend(float(v) for v in values)
+                else:
+                    text.append(f"{element.keyword}={'|'.join(str(v) for v in values)}")
+        else:
+            text.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        entries[f"{name}|text"] = np.asarray(text, dtype=str)
+        entries[f"{name}|numbers"] = np.asarray(numbers, dtype=float)
+    return entries
+
+
+def test_default_profile_writes_what_it_wrote_before_profiles_existed(tmp_path: Path) -> None:
+    """The demo's data did not move when the competition profile came: every file, column,
+    header element and pixel of the generator's output before it (realism switches added since
+    are set to 0, their own tests cover them), to the last bit's rounding (pixels within 1)."""
     newer = {name: 0.0 for name in REALISM_RATES if name not in COMMITTED_SWITCHES}
     config = SynthConfig(
         train_studies=3, test_studies=1, seed=4, image_size=24, slices=6,
         two_axial_series_rate=0.3, multi_stack_axial_rate=0.3, matrix_variation_rate=0.5,
         missing_series_rate=0.2, **newer,
     )  # fmt: skip
-    digest = hashlib.sha256()
-    for name, file_hash in _tree_hashes(synthesize(tmp_path / "pin", config, False)).items():
-        digest.update(f"{name} {file_hash}\n".encode())
-    assert digest.hexdigest() == (
-        "3f8155030482b9be3d43a7a64a03176dfa38ab66c2722083d9515b30ce01fc54"
-    )  # commit 5047459's generator (before --profile), same config
+    written = synth_fingerprint(synthesize(tmp_path / "pin", config, False))
+    with np.load(PINNED_OUTPUT) as pinned:
+        assert sorted(written) == sorted(pinned.files)
+        for key in pinned.files:
+            expected, actual = pinned[key], written[key]
+            assert expected.shape == actual.shape, key
+            if key.endswith("|pixels"):
+                assert np.abs(actual - expected).max() <= 1, key
+            elif expected.dtype.kind == "f":
+                assert np.allclose(actual, expected, rtol=1e-6, atol=1e-6, equal_nan=True), key
+            else:
+                assert (actual == expected).all(), key
 
 
 def test_competition_profile_draws_the_real_sets_sizes() -> None:
