@@ -57,10 +57,16 @@ def _run_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ synth
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    from lsdc.synth.config import PROFILES, REALISM_RATES, SynthConfig
+    from lsdc.synth.config import PHANTOMS, PROFILES, REALISM_RATES, SynthConfig
 
     defaults = SynthConfig()
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    p.add_argument(
+        "--phantom",
+        choices=list(PHANTOMS),
+        default=defaults.phantom,
+        help="; ".join(f"{k}: {v}" for k, v in PHANTOMS.items()),
+    )
     p.add_argument(
         "--profile",
         choices=list(PROFILES),
@@ -108,6 +114,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         slices=args.slices,
         axial_slices=args.axial_slices,
         profile=args.profile,
+        phantom=args.phantom,
         **{name: getattr(args, name) for name in REALISM_RATES},
     )
     if args.no_realism:

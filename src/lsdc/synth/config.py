@@ -21,8 +21,19 @@ REALISM_RATES: dict[str, str] = {
     "missing_coordinates_rate": "share of labelled findings with no coordinate row",
     "reversed_storage_rate": "share of series stored with rows and/or columns reversed "
     "(tags consistent)",
+    "label_error_rate": "share of labelled findings graded one step off (a careless read)",
+    "coordinate_error_rate": "share of coordinate rows a few mm off (a fifth of them one level off)",
+    "motion_ghost_rate": "share of series with motion ghosts along the phase direction "
+    "(anatomical phantom)",
+    "wrap_rate": "share of series with wrap-around along the phase direction (anatomical phantom)",
 }
 """Realism switches: each is a rate; 0 turns the feature off."""
+
+PHANTOMS: dict[str, str] = {
+    "anatomical": "a label map of lumbar anatomy imaged by MR physics per protocol (the default)",
+    "simple": "the first phantom of boxes and ovals, kept for comparison",
+}
+"""Phantoms of ``lsdc synth --phantom``; docs/synthetic.md describes both."""
 
 PROFILES: dict[str, str] = {
     "default": "every series at --image-size with --slices sagittal slices (small, fast: the demo)",
@@ -45,6 +56,8 @@ class SynthConfig:
         axial_slices: Axial T2 slice count of a study (split between stacks/series when there are
             several); None means twice ``slices``.
         The ``*_rate`` fields are the realism switches of REALISM_RATES (0 = off).
+        phantom: a key of PHANTOMS (``simple`` writes the old phantom, for comparison; its
+            DICOM files carry no protocol tags and it ignores the motion and wrap switches).
         profile: a key of PROFILES. ``competition`` draws every size per study (matrix, pixel
             spacing, slice counts), so ``image_size``, ``slices`` and ``axial_slices`` must stay
             at their defaults there.
@@ -67,7 +80,12 @@ class SynthConfig:
     unlabelled_rate: float = synth_labels.UNLABELLED_STUDY_RATE
     missing_coordinates_rate: float = 0.01
     reversed_storage_rate: float = 0.02
+    label_error_rate: float = 0.02
+    coordinate_error_rate: float = 0.02
+    motion_ghost_rate: float = 0.1
+    wrap_rate: float = 0.05
     profile: str = "default"
+    phantom: str = "anatomical"
 
     def without_realism(self) -> SynthConfig:
         """The same config with every realism switch off (clean, regular series)."""
@@ -80,6 +98,8 @@ class SynthConfig:
 
     def validate(self) -> None:
         """Raise UserError on a value no study could be drawn with."""
+        if self.phantom not in PHANTOMS:
+            raise UserError(f"--phantom must be one of {list(PHANTOMS)}, got {self.phantom!r}")
         if self.profile not in PROFILES:
             raise UserError(f"--profile must be one of {list(PROFILES)}, got {self.profile!r}")
         if self.profile != "default":

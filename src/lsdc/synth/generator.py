@@ -43,8 +43,8 @@ from lsdc.contract import (
     write_csv_atomic,
 )
 from lsdc.errors import UserError
+from lsdc.synth import anatomy, phantom, render, tissues
 from lsdc.synth import labels as synth_labels
-from lsdc.synth import phantom
 from lsdc.synth.config import SynthConfig
 from lsdc.utils import atomic_path, init_worker
 
@@ -128,7 +128,19 @@ class Stack:
 
 @dataclass
 class Series:
-    """One series of a study: its stacks, sequence and the instance number of every slice."""
+    """One series of a study: its stacks, sequence and the instance number of every slice.
+
+    A plan of geometry and tags only; :func:`_render_study` renders any series whatever its
+    orientation, number of stacks or protocol. To add a series to a study (a localizer, a
+    coronal T2, a duplicate), build its stacks with :func:`make_stack` (any row and column
+    directions), give it a ``protocol`` of :data:`lsdc.synth.tissues.PROTOCOLS` and a
+    ``timing`` from :func:`lsdc.synth.tissues.draw_timing`, append it to the list
+    :func:`_plan_series` returns, and set its ``instance_numbers``: rendering, DICOM tags and
+    coordinates follow.
+
+    ``description`` is the competition's (the CSVs); ``series_tag`` the vendor-style
+    SeriesDescription the DICOM files carry (None: ``description``, as the simple phantom).
+    """
 
     series_id: int
     description: str
@@ -137,6 +149,51 @@ class Series:
     manufacturer: str = "SIEMENS"
     field_strength: float = 3.0
     instance_numbers: list[np.ndarray] = field(default_factory=list)  # one array per stack
+    protocol: str | None = None
+    timing: tissues.Timing | None = None
+    series_tag: str | None = None
+
+
+SERIES_TAGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "SIEMENS": {
+        "sagittal_t1": ("t1_tse_sag", "T1_TSE_SAG", "t1_tse_sag_384"),
+        "sagittal_t2": ("t2_tse_sag", "T2_TSE_SAG", "t2_tse_sag_384"),
+        "sagittal_stir": ("t2_tirm_sag", "T2_TIRM_SAG", "t2_stir_sag"),
+        "axial_t2": ("t2_tse_tra", "T2_TSE_TRA", "t2_tse_tra_p2"),
+    },
+    "GE MEDICAL SYSTEMS": {
+        "sagittal_t1": ("SAG T1 FSE", "Sag T1", "SAG T1 FLAIR"),
+        "sagittal_t2": ("SAG T2 FSE", "Sag T2", "SAG T2 FRFSE"),
+        "sagittal_stir": ("SAG STIR", "Sag STIR", "SAG T2 STIR"),
+        "axial_t2": ("AX T2 FSE", "Ax T2", "AX T2 FRFSE"),
+    },
+    "Philips Medical Systems": {
+        "sagittal_t1": ("T1W_TSE_SAG", "sT1W_TSE", "T1_SAG"),
+        "sagittal_t2": ("T2W_TSE_SAG", "sT2W_TSE", "T2_SAG"),
+        "sagittal_stir": ("STIR_SAG", "sSTIR", "T2_STIR_SAG"),
+        "axial_t2": ("T2W_TSE_TRA", "sT2W_TSE_TRA", "T2_AX"),
+    },
+}
+"""Vendor-style SeriesDescription tags: each site (vendor, style) names its series its way."""
+
+
+def _protocol_of(series: Series) -> str:
+    if series.description == "Sagittal T1":
+        return "sagittal_t1"
+    if series.description == "Axial T2":
+        return "axial_t2"
+    return "sagittal_stir" if series.sequence == "STIR" else "sagittal_t2"
+
+
+def _assign_protocols(rng: np.random.Generator, series: list[Series]) -> None:
+    """Draw each series' protocol timings (TR, TE, TI) and its site's vendor-style tag."""
+    if not series:
+        return
+    style = int(rng.integers(3))
+    for s in series:
+        s.protocol = _protocol_of(s)
+        s.timing = tissues.draw_timing(rng, s.protocol, s.field_strength)
+        s.series_tag = SERIES_TAGS[s.manufacturer][s.protocol][style]
 
 
 def _rotation(
@@ -151,7 +208,7 @@ def _rotation(
     return (tilt * in_plane).as_matrix()
 
 
-def _make_stack(
+def make_stack(
     rng: np.random.Generator,
     centre: np.ndarray,
     axes: tuple[np.ndarray, np.ndarray],
@@ -195,9 +252,7 @@ def _competition_matrix(rng: np.random.Generator, plane: str) -> int:
 def _level_tilt(rng: np.random.Generator, anatomy: phantom.Anatomy, z: float) -> np.ndarray:
     """A rotation that turns an axial plane parallel to the disc near ``z`` (normal along the
     lordotic spine's axis there, about the left-right axis), give or take 2 degrees."""
-    t = (z - anatomy.centre[2]) / (2.5 * anatomy.pitch)
-    slope = 2.0 * anatomy.lordosis * t / (2.5 * anatomy.pitch)  # d spine_y / dz
-    angle = -np.arctan(slope) + np.deg2rad(rng.uniform(-2.0, 2.0))
+    angle = anatomy.axial_tilt(z) + np.deg2rad(rng.uniform(-2.0, 2.0))
     return Rotation.from_rotvec(angle * np.array([1.0, 0.0, 0.0])).as_matrix()
 
 
@@ -263,7 +318,7 @@ def _plan_series(
             ]
         )
         size = matrix("sagittal")
-        stack = _make_stack(
+        stack = make_stack(
             rng, centre, _SAGITTAL, offsets, size, field(rng.uniform(*fov_range["sagittal"]), size),
             rotation(sag_normal), keep_spacing(),
         )  # fmt: skip
@@ -310,7 +365,7 @@ def _plan_series(
         else:
             tilt = rotation(np.array([0.0, 0.0, 1.0]), tilt_deg=3.0)
         size = shared_matrix if grouping == "stacks" else matrix("axial")
-        stack = _make_stack(
+        stack = make_stack(
             rng, centre, _AXIAL, zs - centre[2], size, field(fov, size), tilt,
             shared_spacing if grouping == "stacks" else keep_spacing(),
         )  # fmt: skip
@@ -400,27 +455,52 @@ def _layered_signal(anatomy: phantom.Anatomy, series: list[Series]) -> SignalOf:
     return signal
 
 
-def _resize_planes(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """Bilinear resize of (n, r, c) planes to (n, rows, columns), corner pixels aligned
-    (separable: one linear interpolation per axis), float32."""
-    out = values.astype(np.float32, copy=False)
-    for axis, size in ((1, rows), (2, columns)):
-        n = out.shape[axis]
-        if n == size:
-            continue
-        coords = np.linspace(0.0, n - 1, size)
-        lo = np.minimum(coords.astype(np.int64), n - 2)
-        shape = [1, 1, 1]
-        shape[axis] = size
-        w = (coords - lo).astype(np.float32).reshape(shape)
-        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, lo + 1, axis=axis) * w
+def _render_anatomical(
+    rng: np.random.Generator,
+    spine: anatomy.Spine,
+    series: list[Series],
+    config: SynthConfig,
+    split: str,
+    index: int,
+) -> list[list[np.ndarray]]:
+    """uint16 pixels (n, rows, columns) of every stack of every series, from the anatomical
+    phantom (:mod:`lsdc.synth.render`). The competition profile renders at ACQUISITION_MM (or
+    the stack's own, coarser, pixel) and interpolates to the matrix."""
+    if not series:
+        return []
+    table = tissues.draw_tissues(rng, spine, series[0].field_strength)
+    bias = render.bias_field(rng, spine.centre)
+    texture = render.texture_field(rng)
+    ghost_rng = _quirk_rng(config, split, index, 3)
+    wrap_rng = _quirk_rng(config, split, index, 4)
+    out: list[list[np.ndarray]] = []
+    for s in series:
+        signal = tissues.signal_table(table, s.timing)
+        nuisance = render.draw_nuisance(
+            rng, s.manufacturer, ghost_rng, config.motion_ghost_rate, wrap_rng, config.wrap_rate
+        )
+        pixels = []
+        for stack in s.stacks:
+            size = None
+            if config.profile == "competition":
+                field_mm = (stack.rows - 1) * stack.pixel_spacing
+                size = min(stack.rows, int(np.ceil(field_mm / ACQUISITION_MM)) + 1)
+                size = None if size == stack.rows else size
+            values = render.render_stack(
+                spine, signal, table, stack, size, nuisance, bias, texture, rng
+            )
+            if values.shape[1:] != (stack.rows, stack.columns):
+                values = render.resize_planes(values, stack.rows, stack.columns)
+            pixels.append(np.clip(np.rint(values), 0, 65535).astype(np.uint16))
+        out.append(pixels)
     return out
 
 
 def _render_study(
     rng: np.random.Generator, anatomy: phantom.Anatomy, series: list[Series], profile: str
 ) -> list[list[np.ndarray]]:
-    """uint16 pixels (n, rows, columns) of every stack of every series of one study."""
+    """uint16 pixels (n, rows, columns) of every stack of every series of one study (the simple
+    phantom)."""
     if not any(s.stacks for s in series):
         return []
     signal_of = (_layered_signal if profile == "competition" else _grid_signal)(anatomy, series)
@@ -439,7 +519,7 @@ def _render_study(
             if noisy.shape[1:] != (stack.rows, stack.columns):
                 # Rendered at the acquisition's pixel size: interpolated like the signal, the
                 # noise gets the pixel-to-pixel correlation of a scanner's interpolated matrix.
-                noisy = _resize_planes(noisy, stack.rows, stack.columns)
+                noisy = render.resize_planes(noisy, stack.rows, stack.columns)
             pixels.append(np.clip(np.rint(offset + gain * noisy), 0, 65535).astype(np.uint16))
         out.append(pixels)
     return out
@@ -480,7 +560,20 @@ def _write_series(
         ds.PatientID = str(study_id)
         ds.StudyID = str(study_id)
         ds.SeriesNumber = number
-        ds.SeriesDescription = series.description
+        ds.SeriesDescription = series.series_tag or series.description
+        if series.timing is not None:
+            timing = series.timing
+            inversion = timing.inversion_time is not None
+            ds.ScanningSequence = ["SE", "IR"] if inversion else "SE"
+            ds.SequenceVariant = ["SK", "SP", "MP"] if inversion else ["SK", "SP"]
+            ds.ScanOptions = "IR" if inversion else ""
+            ds.MRAcquisitionType = "2D"
+            ds.RepetitionTime = _ds([timing.repetition_time])[0]
+            ds.EchoTime = _ds([timing.echo_time])[0]
+            if inversion:
+                ds.InversionTime = _ds([timing.inversion_time])[0]
+            ds.EchoTrainLength = timing.echo_train_length
+            ds.ImagingFrequency = _ds([42.577478 * series.field_strength])[0]
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
         ds.ImageOrientationPatient = _ds(
             np.concatenate([stack.row_direction, stack.column_direction])
@@ -536,11 +629,19 @@ def _synthesize_study(
     probabilities = synth_labels.class_probabilities(severity)
     labels = synth_labels.draw_classes(rng, probabilities)
     labels[synth_labels.draw_unlabelled(rng, config.unlabelled_rate)] = -100
+    labels = synth_labels.misgrade(_quirk_rng(config, split, index, 5), config.label_error_rate,
+                                   labels)  # fmt: skip
     table_position = np.array([rng.uniform(-15, 15), rng.uniform(-30, 30), rng.uniform(-150, 150)])
-    anatomy = phantom.draw_anatomy(rng, severity, centre=table_position)
     most_series = 5 if config.profile == "competition" else 4  # axial T2 in up to 3 or 2 series
-    series = _plan_series(rng, config, anatomy, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
-    pixels = _render_study(rng, anatomy, series, config.profile)
+    if config.phantom == "simple":
+        body = phantom.draw_anatomy(rng, severity, centre=table_position)
+        series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
+        pixels = _render_study(rng, body, series, config.profile)
+    else:
+        body = anatomy.draw_spine(rng, severity, centre=table_position)
+        series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
+        _assign_protocols(rng, series)
+        pixels = _render_anatomical(rng, body, series, config, split, index)
     _reverse_storage(
         _quirk_rng(config, split, index, 1), config.reversed_storage_rate, series, pixels
     )
@@ -556,7 +657,13 @@ def _synthesize_study(
         coordinates=_drop_rows(
             _quirk_rng(config, split, index, 2),
             config.missing_coordinates_rate,
-            _coordinates(study_id, anatomy, series, labels),
+            _coordinates(
+                study_id,
+                _misplace(_quirk_rng(config, split, index, 6), config.coordinate_error_rate,
+                          body.finding_centres(), labels),
+                series,
+                labels,
+            ),
         ),
     )
 
@@ -606,8 +713,28 @@ def _drop_rows(rng: np.random.Generator, rate: float, rows: list[tuple]) -> list
     return [row for row, kept in zip(rows, keep, strict=True) if kept]
 
 
+def _misplace(
+    rng: np.random.Generator, rate: float, centres: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Each labelled finding's point, a few mm off at ``rate`` (N(0, 3 mm) per axis) and, for
+    a fifth of those, at the same condition's neighbouring level: the points a careless reader
+    clicks. The images and labels are untouched."""
+    drawn, centres = centres, centres.copy()
+    n_levels = len(LEVELS)
+    for k in range(len(centres)):
+        if rng.random() >= rate or labels[k] < 0:
+            continue
+        if rng.random() < 0.2:
+            level = k % n_levels
+            step = 1 if level == 0 else -1 if level == n_levels - 1 else int(rng.choice([-1, 1]))
+            centres[k] = drawn[k + step]
+        else:
+            centres[k] = drawn[k] + rng.normal(0.0, 3.0, 3)
+    return centres
+
+
 def _coordinates(
-    study_id: int, anatomy: phantom.Anatomy, series: list[Series], labels: np.ndarray
+    study_id: int, centres: np.ndarray, series: list[Series], labels: np.ndarray
 ) -> list[tuple]:
     """train_label_coordinates rows: each labelled finding's centre on its grading series.
 
@@ -617,7 +744,6 @@ def _coordinates(
     :func:`_drop_rows`).
     """
     rows = []
-    centres = anatomy.finding_centres()
     for i, condition in enumerate(CONDITIONS):
         for j in range(len(LEVELS)):
             k = i * len(LEVELS) + j

@@ -136,3 +136,21 @@ def draw_unlabelled(rng: np.random.Generator, rate: float = UNLABELLED_STUDY_RAT
     else:
         mask[rng.choice(N_LABELS, size=int(rng.integers(1, 4)), replace=False)] = True
     return mask
+
+
+def misgrade(rng: np.random.Generator, rate: float, labels: np.ndarray) -> np.ndarray:
+    """Labels with, at ``rate``, a labelled finding graded one step off (Normal/Mild <->
+    Moderate <-> Severe; a Moderate goes either way): an outright error of a careless read, on
+    top of the reader disagreement that ``TAU`` models. The oracle stays the true class
+    probabilities, so these errors lower its score."""
+    out = labels.copy()
+    flip = rng.random(labels.shape) < rate
+    up = rng.random(labels.shape) < 0.5
+    for k in np.flatnonzero(flip & (labels >= 0)):
+        if labels[k] == 0:
+            out[k] = 1
+        elif labels[k] == 2:
+            out[k] = 1
+        else:
+            out[k] = 2 if up[k] else 0
+    return out

@@ -118,6 +118,12 @@ class Anatomy:
             return np.array([x + side * self.recess_x, y - 3.0 * self.scale, z])
         return np.array([x, y, z])
 
+    def axial_tilt(self, z: float) -> float:
+        """Angle about +x that turns an axial plane parallel to the spine's axis at z (radians)."""
+        t = (z - self.centre[2]) / (2.5 * self.pitch)
+        slope = 2.0 * self.lordosis * t / (2.5 * self.pitch)  # d spine_y / dz
+        return -np.arctan(slope)
+
     def finding_centres(self) -> np.ndarray:
         """(25, 3) patient coordinates of every finding's centre, in LABEL_COLUMNS order."""
         return np.array([self.finding_centre(c, j) for c in CONDITIONS for j in range(len(LEVELS))])

@@ -1,0 +1,887 @@
+"""The anatomical phantom's anatomy: one study's lumbar spine as implicit shapes in patient mm.
+
+The spine is a chain of segments in the sagittal (y, z) plane built upward from the sacrum: each
+disc and vertebral body is a wedge (front and back heights from ``anatomical_phantom.md``), so
+the segmental lordosis comes from the shapes themselves. Every structure is an implicit shape in
+the local frame of its segment (``u`` = patient left, ``a`` = posterior, ``w`` = along the spine,
+superior) or of the canal's curved centre line, evaluated only where a stack samples it
+(:class:`lsdc.synth.canvas.Canvas`). Findings change their own structure only, through the
+functions of :mod:`lsdc.synth.findings`; nothing else here depends on a latent severity, except
+the disc degeneration of :func:`draw_spine`, which may follow its level's severity (as in real
+spines) but never carries a label by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lsdc.contract import CONDITIONS, LEVELS
+from lsdc.synth import findings
+from lsdc.synth.canvas import Box, Canvas
+
+# Tissue codes. Nucleus codes come last, one per disc (its own degeneration).
+(AIR, SKIN, FAT, MUSCLE, CORTEX, MARROW, ANNULUS, CSF, NERVE, LIGAMENT, JOINT, VESSEL, BOWEL,
+ KIDNEY, VISCERA) = range(15)  # fmt: skip
+NUCLEUS = 15  # NUCLEUS + d for disc d (0 = T12/L1, 1..5 = L1/L2..L5/S1)
+N_DISCS = 6
+N_TISSUES = NUCLEUS + N_DISCS
+TISSUE_NAMES: dict[int, str] = {
+    AIR: "air", SKIN: "skin", FAT: "fat", MUSCLE: "muscle", CORTEX: "cortical bone",
+    MARROW: "marrow", ANNULUS: "annulus", CSF: "CSF", NERVE: "nerve roots", LIGAMENT: "ligament",
+    JOINT: "joint fluid", VESSEL: "vessel (flow void)", BOWEL: "bowel loop", KIDNEY: "kidney",
+    VISCERA: "abdominal viscera",
+    **{NUCLEUS + d: f"nucleus {d}" for d in range(N_DISCS)},
+}  # fmt: skip
+
+VERTEBRAE = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
+"""Bodies of the chain, superior first; discs sit between neighbours down to L5/S1."""
+DISCS = ("T11/T12", "T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+# Per vertebra (VERTEBRAE order): mid height, wedge (deg, front taller > 0), depth, width (mm).
+_BODY = {
+    "T11": (22, -5, 28, 36), "T12": (24, -4, 30, 40), "L1": (25, -3, 32, 42),
+    "L2": (26, -1, 33, 44), "L3": (27, 0, 34, 46), "L4": (27, 1, 35, 48), "L5": (28, 5, 36, 50),
+    "S1": (26, 0, 34, 46), "S2": (19, 0, 27, 36), "S3": (15, 0, 21, 28),
+}  # fmt: skip
+# Per disc: mid height (mm, spec) and segmental angle (deg, spec; T11/T12 and T12/L1 kyphotic).
+_DISC = {
+    "T11/T12": (6.0, -3.0), "T12/L1": (8.0, 0.0), "L1/L2": (10.0, 4.0), "L2/L3": (12.0, 8.0),
+    "L3/L4": (12.5, 12.0), "L4/L5": (14.0, 17.0), "L5/S1": (13.0, 32.0),
+}  # fmt: skip
+# Per vertebra T11..L5 (then S1): canal half-width, canal AP, pedicle half-width, transverse
+# process length (mm).
+_POSTERIOR = {
+    "T11": (9.0, 16.0, 3.0, 10), "T12": (10.0, 16.5, 3.5, 8), "L1": (11.0, 17.0, 4.0, 12),
+    "L2": (11.5, 17.0, 4.5, 16), "L3": (12.0, 16.5, 5.0, 22), "L4": (12.5, 16.5, 6.0, 18),
+    "L5": (13.5, 16.0, 7.5, 14), "S1": (14.0, 15.0, 8.0, 0),
+}  # fmt: skip
+FACET_ANGLE = {"T12/L1": 20.0, "L1/L2": 25.0, "L2/L3": 30.0, "L3/L4": 38.0, "L4/L5": 45.0,
+               "L5/S1": 50.0}  # fmt: skip
+"""Angle of each facet joint from the sagittal plane (deg): sagittal above, oblique below."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One disc or vertebral body of the chain: its centre and frame in patient mm.
+
+    ``alpha`` tilts the frame's superior axis anteriorly (radians); the local axes are
+    ``u`` = +x, ``a`` = (0, cos, sin) (posterior), ``w`` = (0, -sin, cos) (superior).
+    """
+
+    name: str
+    centre: np.ndarray
+    alpha: float
+    height: float
+    wedge: float  # radians, front taller > 0
+    depth: float
+    width: float
+
+    @property
+    def posterior(self) -> np.ndarray:
+        return np.array([0.0, np.cos(self.alpha), np.sin(self.alpha)])
+
+    @property
+    def superior(self) -> np.ndarray:
+        return np.array([0.0, -np.sin(self.alpha), np.cos(self.alpha)])
+
+    def to_patient(self, u: float, a: float, w: float) -> np.ndarray:
+        """Patient coordinates of a point given in this segment's frame."""
+        return self.centre + np.array([u, 0.0, 0.0]) + a * self.posterior + w * self.superior
+
+    def box(self, u: tuple, a: tuple, w: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Patient-space bounding box of a local box (u, a, w ranges)."""
+        corners = np.array([self.to_patient(i, j, k) for i in u for j in a for k in w])
+        return corners.min(axis=0), corners.max(axis=0)
+
+
+@dataclass(frozen=True)
+class Spine:
+    """One study's anatomy. Sizes in mm, patient frame (LPS); every field but ``severity`` and
+    ``degeneration`` is drawn independently of the labels.
+
+    Attributes:
+        centre: (3,) the L3/L4 disc centre.
+        scale: the study's size factor.
+        bodies / discs: the chain's segments (VERTEBRAE / DISCS order).
+        posterior: per vertebra T11..S1: canal half-width, canal AP, pedicle half-width,
+            transverse process length (already scaled).
+        facet_angle: (6,) facet joint angles (radians) at T12/L1..L5/S1.
+        severity: (25,) latent severities, LABEL_COLUMNS order.
+        degeneration: (7,) disc degeneration 0..1 (nucleus T2, height), DISCS order.
+        fat: subcutaneous fat thickness; trunk: (half-width, half-depth); back: skin to canal.
+        organs: (n, 7) bowel loops and kidneys: centre xyz, semi-axes xyz, code.
+        deformation: (3, 7) elastic field: amplitude xyz, wave vector xyz, phase.
+        marrow_fat: fat fraction of the vertebral marrow.
+    """
+
+    centre: np.ndarray
+    scale: float
+    bodies: tuple[Segment, ...]
+    discs: tuple[Segment, ...]
+    posterior: np.ndarray
+    facet_angle: np.ndarray
+    severity: np.ndarray
+    degeneration: np.ndarray
+    fat: float
+    trunk: tuple[float, float]
+    back: float
+    organs: np.ndarray
+    deformation: np.ndarray
+    marrow_fat: float
+    conus_z: float
+    canal_knots: np.ndarray = field(repr=False)  # (k, 4): z, y, alpha, index along the chain
+
+    # ------------------------------------------------------------------ geometry the plans use
+    @property
+    def disc_z(self) -> np.ndarray:
+        """z of the six disc centres T12/L1, L1/L2 .. L5/S1 (superior first)."""
+        return np.array([d.centre[2] for d in self.discs[1:]])
+
+    @property
+    def foramen_x(self) -> float:
+        """Largest |x - centre x| of a foramen's centre (the sagittal stack covers both)."""
+        return float(np.max(self.posterior[2:7, 0] + self.posterior[2:7, 2]))
+
+    def canal_y(self, z: np.ndarray | float) -> np.ndarray:
+        """y of the canal's centre line at height z."""
+        return np.interp(z, self.canal_knots[:, 0], self.canal_knots[:, 1])
+
+    def canal_alpha(self, z: np.ndarray | float) -> np.ndarray:
+        """Tilt (radians) of the canal's centre line at height z."""
+        return np.interp(z, self.canal_knots[:, 0], self.canal_knots[:, 2])
+
+    def axial_tilt(self, z: float) -> float:
+        """Angle about +x that turns an axial plane parallel to the disc nearest z (radians)."""
+        k = int(np.argmin(np.abs(self.disc_z - z)))
+        return float(self.discs[k + 1].alpha)
+
+    @property
+    def pitch(self) -> float:
+        """Mean distance between neighbouring lumbar disc centres."""
+        return float(np.mean(np.linalg.norm(np.diff([d.centre for d in self.discs[1:]], axis=0),
+                                            axis=1)))  # fmt: skip
+
+    def level_posterior(self, d: int) -> np.ndarray:
+        """Canal half-width, canal AP, pedicle half-width, TP length at disc ``d`` (DISCS
+        index): the mean of the vertebrae above and below."""
+        return 0.5 * (self.posterior[d] + self.posterior[d + 1])
+
+    # -------------------------------------------------------------------------- finding centres
+    def foramen_root(self, d: int, side: float) -> np.ndarray:
+        """(u, a, w) in disc ``d``'s frame of the exiting root in that foramen."""
+        disc = self.discs[d]
+        canal_hw, _, pedicle_hw, _ = self.level_posterior(d)
+        return np.array([side * (canal_hw + pedicle_hw), disc.depth / 2 + 4.5 * self.scale,
+                         disc.height / 2 + 5.5 * self.scale])  # fmt: skip
+
+    def recess(self, d: int, side: float) -> np.ndarray:
+        """(u, a, w) in disc ``d``'s frame of the lateral recess's centre."""
+        disc = self.discs[d]
+        canal_hw = self.level_posterior(d)[0]
+        return np.array([side * (canal_hw - 3.5 * self.scale), disc.depth / 2 + 3.5 * self.scale,
+                         0.0])  # fmt: skip
+
+    def finding_centre(self, condition: str, level: int) -> np.ndarray:
+        """Patient coordinates of one finding's centre (``level`` 0..4 = L1/L2..L5/S1): the sac's
+        centre at the disc; the exiting root in the foramen; the lateral recess at the disc."""
+        d = level + 2  # DISCS index
+        disc = self.discs[d]
+        side = 1.0 if condition.startswith("left_") else -1.0
+        if "foraminal" in condition:
+            return disc.to_patient(*self.foramen_root(d, side))
+        if "subarticular" in condition:
+            return disc.to_patient(*self.recess(d, side))
+        canal_ap = self.level_posterior(d)[1]
+        return disc.to_patient(0.0, disc.depth / 2 + canal_ap / 2, 0.0)
+
+    def finding_centres(self) -> np.ndarray:
+        """(25, 3) patient coordinates of every finding's centre, in LABEL_COLUMNS order."""
+        return np.array([self.finding_centre(c, j) for c in CONDITIONS for j in range(len(LEVELS))])
+
+    def severity_of(self, condition: str, level: int) -> float:
+        return float(self.severity[CONDITIONS.index(condition) * len(LEVELS) + level])
+
+    # ------------------------------------------------------------------------- elastic warp
+    def deform(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple:
+        """Smoothly displaced coordinates: a few long plane waves (a few mm)."""
+        dx, dy, dz = np.zeros_like(x), np.zeros_like(y), np.zeros_like(z)
+        for amp_x, amp_y, amp_z, kx, ky, kz, phase in self.deformation.astype(np.float32):
+            wave = np.sin(kx * x + ky * y + kz * z + phase)
+            dx += amp_x * wave
+            dy += amp_y * wave
+            dz += amp_z * wave
+        return x + dx, y + dy, z + dz
+
+    @property
+    def deformation_bound(self) -> float:
+        return float(np.abs(self.deformation[:, :3]).sum(axis=0).max())
+
+
+def _frame_angle(alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([np.cos(alpha), np.sin(alpha)]), np.array([-np.sin(alpha), np.cos(alpha)])
+
+
+def draw_spine(
+    rng: np.random.Generator, severity: np.ndarray, centre: np.ndarray | None = None
+) -> Spine:
+    """Draw one study's anatomy: sizes, lordosis, posterior elements, trunk, organs, warp.
+
+    Every draw is independent of ``severity`` except each disc's degeneration (nucleus T2 and
+    height), which leans on its level's mean severity for a third of its spread."""
+    centre = np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64)
+    scale = float(rng.uniform(0.88, 1.12))
+    total_lordosis = rng.uniform(55.0, 65.0)
+    lumbar_discs = DISCS[2:]
+    spec_total = sum(_DISC[d][1] for d in lumbar_discs) + _BODY["L5"][1]
+    k_angle = (total_lordosis - _BODY["L5"][1]) / (spec_total - _BODY["L5"][1])
+    sacral_slope = np.deg2rad(rng.uniform(32.0, 45.0))
+
+    sev = np.asarray(severity, dtype=np.float64).reshape(len(CONDITIONS), len(LEVELS))
+    level_mean = np.concatenate([[0.1, 0.15], sev.mean(axis=0)])  # T11/T12, T12/L1, lumbar
+    degeneration = np.clip(0.65 * rng.beta(1.5, 2.5, len(DISCS)) + 0.35 * level_mean, 0, 1)
+
+    # Build the chain in 2D (y, z) from the S1 upper endplate upward.
+    def make(name, base, beta, height, wedge_rad, depth, width, up=True):
+        alpha = beta - wedge_rad / 2 if up else beta
+        _, sup = _frame_angle(alpha)
+        mid = base + (height / 2) * sup * (1 if up else -1)
+        top = base + height * sup * (1 if up else -1)
+        seg = Segment(name, np.array([0.0, mid[0], mid[1]]), float(alpha), height, wedge_rad,
+                      depth, width)  # fmt: skip
+        return seg, top, beta - wedge_rad if up else beta
+
+    jitter = rng.uniform(0.93, 1.07, len(VERTEBRAE))
+    bodies: dict[str, Segment] = {}
+    discs: dict[str, Segment] = {}
+    # Sacrum downward from the S1 endplate, curving forward (kyphotic).
+    base, beta = np.zeros(2), sacral_slope
+    for k, name in enumerate(("S1", "S2", "S3")):
+        h, _, depth, width = _BODY[name]
+        h *= scale * jitter[VERTEBRAE.index(name)]
+        bodies[name], base, _ = make(name, base, beta, h, 0.0, depth * scale, width * scale,
+                                     up=False)  # fmt: skip
+        base = base + 1.5 * _frame_angle(beta)[1] * -1  # a rudimentary disc between segments
+        beta = beta + np.deg2rad(12.0 + 4 * k)
+    base, beta = np.zeros(2), sacral_slope
+    for d_name, v_name in zip(DISCS[::-1], VERTEBRAE[-4::-1], strict=True):
+        h, angle = _DISC[d_name]
+        if d_name in lumbar_discs:
+            angle *= k_angle
+        h = h * scale * rng.uniform(0.9, 1.1) * (1.0 - 0.3 * degeneration[DISCS.index(d_name)])
+        below, above = bodies.get(VERTEBRAE[VERTEBRAE.index(v_name) + 1]), None
+        depth = (below.depth if below else 34 * scale) * 0.97
+        width = (below.width if below else 46 * scale) * 0.98
+        discs[d_name], base, beta = make(d_name, base, beta, h, np.deg2rad(angle), depth, width)
+        bh, wedge, bd, bw = _BODY[v_name]
+        j = jitter[VERTEBRAE.index(v_name)]
+        bodies[v_name], base, beta = make(v_name, base, beta, bh * scale * j, np.deg2rad(wedge),
+                                          bd * scale * j, bw * scale * j)  # fmt: skip
+        del above
+    ordered_bodies = [bodies[n] for n in VERTEBRAE]
+    ordered_discs = [discs[n] for n in DISCS]
+
+    # Place the chain: L3/L4 at the centre, the L1-S1 chord along z within +-5 degrees.
+    l1, s1 = bodies["L1"].centre, bodies["S1"].centre
+    chord = np.arctan2(-(l1[1] - s1[1]), l1[2] - s1[2])  # the chord's anterior tilt
+    turn = -chord + np.deg2rad(rng.uniform(-5.0, 5.0))
+    rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    pivot = discs["L3/L4"].centre[1:]
+    lateral = rng.normal(0.0, 2.0)
+
+    def place(seg: Segment) -> Segment:
+        yz = rot @ (seg.centre[1:] - pivot)
+        z_rel = yz[1]
+        x = centre[0] + lateral * (z_rel / 100.0) ** 2
+        return Segment(seg.name, np.array([x, centre[1] + yz[0], centre[2] + yz[1]]),
+                       seg.alpha + turn, seg.height, seg.wedge, seg.depth, seg.width)  # fmt: skip
+
+    ordered_bodies = [place(s) for s in ordered_bodies]
+    ordered_discs = [place(s) for s in ordered_discs]
+
+    posterior = np.array([_POSTERIOR[n] for n in VERTEBRAE[:8]], dtype=np.float64)
+    posterior[:, :3] *= scale * rng.uniform(0.92, 1.08, (1, 3))
+    posterior[:, 3] *= scale * rng.uniform(0.8, 1.2)
+    facet = np.deg2rad([FACET_ANGLE[d] + rng.uniform(-6, 6) for d in DISCS[1:]])
+
+    # Canal centre line: behind each body and disc, T11 to S3.
+    knots = []
+    for k, seg in enumerate(ordered_bodies):
+        ap = posterior[min(k, 7), 1]
+        p = seg.to_patient(0.0, seg.depth / 2 + ap / 2, 0.0)
+        knots.append((p[2], p[1], seg.alpha, k))
+    for k, seg in enumerate(ordered_discs):
+        ap = 0.5 * (posterior[k, 1] + posterior[k + 1, 1])
+        p = seg.to_patient(0.0, seg.depth / 2 + ap / 2, 0.0)
+        knots.append((p[2], p[1], seg.alpha, k + 0.5))
+    knots = np.array(sorted(knots))
+
+    fat = float(rng.uniform(6.0, 35.0))
+    organs = _draw_organs(rng, ordered_bodies, centre, scale)
+    n_waves = 3
+    direction = rng.standard_normal((n_waves, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    wave = direction * (2 * np.pi / rng.uniform(90.0, 250.0, (n_waves, 1)))
+    amplitude = rng.standard_normal((n_waves, 3)) * 0.8
+    deformation = np.column_stack([amplitude, wave, rng.uniform(0, 2 * np.pi, n_waves)])
+    conus_disc = ordered_discs[1]  # T12/L1
+    return Spine(
+        centre=centre,
+        scale=scale,
+        bodies=tuple(ordered_bodies),
+        discs=tuple(ordered_discs),
+        posterior=posterior,
+        facet_angle=facet,
+        severity=np.asarray(severity, dtype=np.float64),
+        degeneration=degeneration,
+        fat=fat,
+        trunk=(float(rng.uniform(135.0, 175.0)) * scale, float(rng.uniform(95.0, 125.0)) * scale),
+        back=float(rng.uniform(45.0, 60.0)) * scale + fat,
+        organs=organs,
+        deformation=deformation,
+        marrow_fat=float(np.clip(rng.lognormal(np.log(0.35), 0.4), 0.08, 0.8)),
+        conus_z=float(conus_disc.centre[2] + rng.uniform(-25.0, 5.0)),
+        canal_knots=knots,
+    )
+
+
+def _draw_organs(
+    rng: np.random.Generator, bodies: list[Segment], centre: np.ndarray, scale: float
+) -> np.ndarray:
+    """Kidneys beside T12-L2 and a few bowel loops in front of the spine."""
+    rows = []
+    l1 = bodies[VERTEBRAE.index("L1")]
+    for side in (-1.0, 1.0):
+        c = l1.to_patient(side * rng.uniform(55, 70) * scale, -rng.uniform(0, 10), 0.0)
+        c[2] += rng.uniform(-25, 10) + (10 if side < 0 else 0)  # the right kidney sits lower
+        rows.append([*c, 22 * scale, 18 * scale, rng.uniform(45, 60) * scale, KIDNEY])
+    l3 = bodies[VERTEBRAE.index("L3")]
+    for _ in range(int(rng.integers(4, 9))):
+        c = l3.to_patient(rng.uniform(-80, 80), -rng.uniform(45, 100), rng.uniform(-90, 90))
+        rows.append([*c, *rng.uniform(10, 28, 3), BOWEL])
+    return np.array(rows)
+
+
+# ------------------------------------------------------------------------------------- painting
+def _local(canvas: Canvas, box: Box, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x, y, z = canvas.points(box)
+    c, s = np.float32(np.cos(seg.alpha)), np.float32(np.sin(seg.alpha))
+    dy = y - np.float32(seg.centre[1])
+    dz = z - np.float32(seg.centre[2])
+    return x - np.float32(seg.centre[0]), dy * c + dz * s, dz * c - dy * s
+
+
+def _seg_box(canvas: Canvas, seg: Segment, u: tuple, a: tuple, w: tuple) -> Box | None:
+    return canvas.box(*seg.box(u, a, w))
+
+
+def _select(canvas: Canvas, seg: Segment, u_lim: tuple, a_lim: tuple, w_lim: tuple):
+    """The points within a local box of ``seg``'s frame: (block, flat index, u, a, w), or None.
+
+    The frame is computed on the block the box's patient bounds cover, then only the points
+    inside the local box are kept, so a shape's own tests run on its points alone."""
+    box = _seg_box(canvas, seg, u_lim, a_lim, w_lim)
+    if box is None:
+        return None
+    u, a, w = _local(canvas, box, seg)
+    inside = (u >= u_lim[0]) & (u <= u_lim[1]) & (a >= a_lim[0]) & (a <= a_lim[1])
+    inside &= (w >= w_lim[0]) & (w <= w_lim[1])
+    index = np.flatnonzero(inside)
+    if index.size == 0:
+        return None
+    return box, index, u.reshape(-1)[index], a.reshape(-1)[index], w.reshape(-1)[index]
+
+
+def _canal_box(spine: Spine, half_u: float, a_range: tuple, z_range: tuple | None = None):
+    """Patient box around the canal line between z_range (default: the whole chain)."""
+    knots = spine.canal_knots
+    lo_z, hi_z = (knots[0, 0], knots[-1, 0]) if z_range is None else z_range
+    inside = (knots[:, 0] >= lo_z - 40) & (knots[:, 0] <= hi_z + 40)
+    ys = knots[inside, 1] if inside.any() else knots[:, 1]
+    cx = spine.centre[0]
+    reach = max(abs(a_range[0]), abs(a_range[1])) * 1.3
+    return (np.array([cx - half_u, ys.min() - reach, lo_z - 5]),
+            np.array([cx + half_u, ys.max() + reach, hi_z + 5]))  # fmt: skip
+
+
+def paint_trunk(canvas: Canvas, spine: Spine) -> None:
+    """Skin, subcutaneous fat, muscle wall, abdominal fat, organs, vessels and the paraspinal
+    muscles: large smooth structures, painted on the middle sub-sample only and copied to the
+    others (they barely change over a slice's thickness)."""
+    mid = canvas.shape[3] // 2
+    full = (slice(None), slice(None), slice(None), slice(mid, mid + 1))
+    table = profiles(spine)
+    zi = _zindex(canvas, spine, full)
+    x, y, z = canvas.points(full)
+    u = x - np.float32(spine.centre[0])
+    ac = (y - table.canal_y[zi]) * table.canal_cos[zi]
+    sc = spine.scale
+    tx, ty = spine.trunk
+    back = spine.back
+    # Trunk ellipse in (u, a): its back at a = back.
+    a_t = ac - np.float32(back - ty)
+    rho = (u / np.float32(tx)) ** 2 + (a_t / np.float32(ty)) ** 2
+    codes = canvas.codes[full]
+    codes[rho <= 1.0] = SKIN
+    codes[rho <= (1 - 2.5 / ty) ** 2] = FAT
+    f = spine.fat
+    inner = (u / np.float32(tx - f)) ** 2 + (a_t / np.float32(ty - f * 0.8)) ** 2
+    codes[inner <= 1.0] = MUSCLE
+    wall = 10.0 * sc
+    cavity = (u / np.float32(tx - f - wall)) ** 2 + (a_t / np.float32(ty - f - wall)) ** 2
+    codes[(cavity <= 1.0) & (ac < -10)] = FAT  # retroperitoneal fat
+    organs = (u / np.float32(tx - f - wall - 8)) ** 2 + ((a_t + 12) / np.float32(ty - f - wall)) ** 2
+    codes[(organs <= 1.0) & (ac < -45 * sc)] = VISCERA
+    for row in spine.organs:
+        c, semi, code = row[:3], row[3:6], int(row[6])
+        box = canvas.box(c - semi, c + semi)
+        if box is None:
+            continue
+        box = box[:3] + (slice(mid, mid + 1),)
+        x, y, zz = canvas.points(box)
+        inside = ((x - np.float32(c[0])) / np.float32(semi[0])) ** 2
+        inside += ((y - np.float32(c[1])) / np.float32(semi[1])) ** 2
+        inside += ((zz - np.float32(c[2])) / np.float32(semi[2])) ** 2
+        sub = canvas.codes[box]
+        sub[(inside <= 1.0) & ((sub == FAT) | (sub == VISCERA))] = code
+    # Paraspinal muscles behind the canal (fat planes between them), psoas and quadratus beside
+    # the bodies, aorta and cava in front.
+    half_w, body_a, psoas_r = table.body_hw[zi], table.body_a[zi], table.psoas_r[zi]
+    l5_z = spine.bodies[6].centre[2]
+    for side in (-1.0, 1.0):
+        s32 = np.float32(side)
+        pu = u - s32 * (half_w + psoas_r * 0.55)
+        pa = ac - (body_a + np.float32(3.0 * sc))
+        psoas = (pu / (psoas_r * 0.9 + 1)) ** 2 + (pa / (psoas_r * 0.75 + 1)) ** 2
+        codes[(psoas <= 1.3) & (codes != SKIN)] = FAT
+        codes[psoas <= 1.0] = MUSCLE
+        ql = ((u - s32 * (half_w + 38 * sc)) / (17 * sc)) ** 2 + ((ac + 4 * sc) / (8 * sc)) ** 2
+        codes[(ql <= 1.0) & (z > l5_z) & (codes == FAT)] = MUSCLE
+        # Paraspinal muscle mass: multifidus and the erector spinae with a thin fat septum
+        # between them, and the thoracolumbar fascia's fat plane at their lateral edge.
+        septum = np.abs(u * s32 - np.float32(20.0 * sc) - np.float32(0.25) * (ac - 10.0 * sc))
+        back_muscle = (ac > 12.0 * sc) & (ac < np.float32(back - f - 4))
+        codes[(septum < 0.9) & back_muscle & (codes == MUSCLE)] = FAT
+        fascia = np.abs(u * s32 - np.float32(62.0 * sc) + np.float32(0.3) * (ac - 10.0 * sc))
+        codes[(fascia < 1.2) & (ac > 0) & (codes == MUSCLE)] = FAT
+    aorta_split = spine.bodies[5].centre[2]  # L4
+    for side, radius, flat in ((1.0, 9.0, 1.0), (-1.0, 10.0, 0.65)):
+        vu = u - np.float32(side * 14 * sc)
+        va = ac - (body_a * 1.0 - np.float32(radius * sc + 4))
+        split = z < aorta_split
+        vu = np.where(split, np.abs(u) - np.float32(18 * sc), vu)
+        r = np.where(split, 0.6 * radius * sc, radius * sc).astype(np.float32)
+        vessel = (vu / r) ** 2 + (va / (r * flat)) ** 2 <= 1.0
+        codes[vessel & (codes != MUSCLE)] = VESSEL
+    canvas.codes[...] = codes  # broadcast the middle sub-sample to all
+
+
+Z_STEP = 0.5
+"""Step (mm) of the per-height profiles (canal line, widths, narrowing) looked up by index."""
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """Quantities that vary along the spine only, tabulated every Z_STEP mm from ``z0``."""
+
+    z0: float
+    canal_y: np.ndarray
+    canal_cos: np.ndarray
+    canal_hw: np.ndarray
+    canal_ha: np.ndarray
+    body_hw: np.ndarray
+    body_a: np.ndarray
+    psoas_r: np.ndarray
+    narrow: np.ndarray
+    clump: np.ndarray
+    roots: list  # (side, un, an, below_conus & present) per root
+
+
+def profiles(spine: Spine) -> Profiles:
+    """The spine's per-height tables (built once per study and kept on the Spine)."""
+    cached = spine.__dict__.get("_profiles")
+    if cached is not None:
+        return cached
+    sc = spine.scale
+    knots = spine.canal_knots
+    zk = knots[:, 0]
+    z0 = float(zk[0] - 150.0)
+    z = np.arange(z0, zk[-1] + 150.0, Z_STEP)
+    chain = knots[:, 3]
+    hw = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 0]))
+    ha = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 1]) / 2)
+    zs = np.array([b.centre[2] for b in spine.bodies])
+    order = np.argsort(zs)
+    widths = np.array([b.width for b in spine.bodies])[order]
+    depths = np.array([b.depth for b in spine.bodies])[order]
+    narrow, clump = np.zeros_like(z), np.zeros_like(z)
+    for j in range(len(LEVELS)):
+        disc = spine.discs[j + 2]
+        sev = spine.severity_of("spinal_canal_stenosis", j)
+        c, k = float(findings.canal_narrowing(sev)), float(findings.root_clumping(sev))
+        bump = np.exp(-(((z - disc.centre[2]) / (disc.height / 2 + 4.0 * sc)) ** 4))
+        narrow = np.maximum(narrow, c * bump)
+        clump = np.maximum(clump, k * bump)
+    l1_z, l5_z = spine.bodies[2].centre[2], spine.bodies[6].centre[2]
+    grow = np.clip((l1_z + 20 - z) / (l1_z - l5_z + 20), 0, 1)
+    roots = []
+    below_conus = z < spine.conus_z + 5
+    for side in (-1.0, 1.0):
+        for n, d in enumerate(range(1, 7)):  # roots L1..S1 leave above discs T12/L1..L5/S1
+            leave = spine.discs[d].centre[2] + spine.discs[d].height / 2 + 6 * sc
+            knots_z = np.array([leave - 1, leave + 14 * sc, 1e4])
+            un = np.interp(z, knots_z, [0.9, 0.35 + 0.08 * n, 0.35 + 0.08 * n])
+            an_ = np.interp(z, knots_z, [-0.2, 0.35 - 0.05 * n, 0.35 - 0.05 * n])
+            roots.append((side * un, an_, below_conus & (z > leave - 1)))
+        for n in range(3):  # sacral roots down to the sac's end
+            roots.append((np.full_like(z, side * (0.1 + 0.12 * n)), np.full_like(z, 0.55 - 0.1 * n),
+                          below_conus))  # fmt: skip
+    f32 = np.float32
+    table = Profiles(
+        z0=z0,
+        canal_y=np.interp(z, zk, knots[:, 1]).astype(f32),
+        canal_cos=np.cos(np.interp(z, zk, knots[:, 2])).astype(f32),
+        canal_hw=hw.astype(f32),
+        canal_ha=ha.astype(f32),
+        body_hw=np.interp(z, zs[order], widths / 2).astype(f32),
+        body_a=-np.interp(z, zs[order], depths / 2 + 8.5 * sc).astype(f32),
+        psoas_r=((5.0 + 17.0 * grow) * sc).astype(f32),
+        narrow=narrow.astype(f32),
+        clump=clump.astype(f32),
+        roots=[(a.astype(f32), b.astype(f32), c) for a, b, c in roots],
+    )
+    spine.__dict__["_profiles"] = table
+    return table
+
+
+def _zindex(canvas: Canvas, spine: Spine, box) -> np.ndarray:
+    """Index of each point of a block in the spine's per-height Profiles."""
+    table = profiles(spine)
+    z = canvas.points(box)[2]
+    zi = np.clip(((z - np.float32(table.z0)) * np.float32(1 / Z_STEP)), 0, len(table.canal_y) - 1)
+    return zi.astype(np.int32)
+
+
+def paint_canal(canvas: Canvas, spine: Spine) -> None:
+    """Epidural fat in the bony canal, the thecal sac (CSF) narrowed at each disc by its canal
+    finding, the cord down to the conus and the cauda equina roots within the sac."""
+    sc = spine.scale
+    box = canvas.box(*_canal_box(spine, 20 * sc, (-12, 12)))
+    if box is None:
+        return
+    table = profiles(spine)
+    x, y, z = canvas.points(box)
+    zi = _zindex(canvas, spine, box)
+    u = x - np.float32(spine.centre[0])
+    near = np.abs(u) < np.float32(16.0 * sc)
+    sel = np.flatnonzero(near)
+    if sel.size == 0:
+        return
+    zi = zi.reshape(-1)[sel]
+    u = u.reshape(-1)[sel]
+    ac = (y.reshape(-1)[sel] - table.canal_y[zi]) * table.canal_cos[zi]
+    z = z.reshape(-1)[sel]
+    hw, ha = table.canal_hw[zi], table.canal_ha[zi]
+    block = canvas.codes[box]
+    codes = block.reshape(-1)[sel]
+    codes[(u / hw) ** 2 + (ac / ha) ** 2 <= 1.0] = FAT
+    narrow = table.narrow[zi]
+    sac_end = spine.bodies[VERTEBRAE.index("S2")].centre[2]
+    taper = np.sqrt(np.clip((z - np.float32(sac_end)) / np.float32(25.0 * sc), 0, 1))
+    sw = hw * np.float32(0.78) * taper
+    sa = np.minimum(np.float32(6.0 * sc) * taper + np.float32(0.01), ha - np.float32(1.5))
+    ant = -sa + narrow * 2 * sa * np.float32(0.6)
+    post = sa - narrow * 2 * sa * np.float32(0.4)
+    mid_a = (ant + post) / 2 - np.float32(0.5)
+    half_a = np.maximum((post - ant) / 2, np.float32(0.3))
+    sw_n = sw * (1 - np.float32(0.3) * narrow) + np.float32(0.01)
+    sac = (u / sw_n) ** 2 + ((ac - mid_a) / half_a) ** 2 <= 1.0
+    original = (u / (sw + 1.5)) ** 2 + ((ac + 0.5) / (sa + 1.5)) ** 2 <= 1.0
+    squeezed = original & ~sac & (narrow > 0.02)
+    codes[squeezed & (ac < mid_a)] = ANNULUS  # disc bulge from the front
+    codes[squeezed & (ac >= mid_a)] = LIGAMENT  # thickened ligamentum flavum from the back
+    codes[sac] = CSF
+    # Within the sac: the cord above the conus, and the cauda equina roots lying at its back
+    # (supine) at sac-normalised positions, pushed by the narrowed walls, fatter when clumped.
+    inner = np.flatnonzero(sac)
+    if inner.size:
+        zi_s, u_s, ac_s, z_s = zi[inner], u[inner], ac[inner], z[inner]
+        mid_s, half_s, sw_s = mid_a[inner], half_a[inner], sw_n[inner]
+        sac_codes = codes[inner]
+        cord_r = np.float32(4.5 * sc) * np.clip((z_s - np.float32(spine.conus_z)) / 15.0, 0, 1)
+        cord = (u_s / (cord_r + 0.01)) ** 2 + ((ac_s + 0.5) / (cord_r * 0.75 + 0.01)) ** 2 <= 1
+        sac_codes[cord] = NERVE
+        r0 = np.float32(1.1 * sc) * (1 + np.float32(1.3) * table.clump[zi_s])
+        lo, hi = mid_s - half_s + r0, mid_s + half_s - r0
+        squeezed_flat = half_s < r0
+        for un, an_, present in table.roots:
+            ru = un[zi_s] * sw_s
+            ra = np.clip(an_[zi_s] * np.float32(6.0) - np.float32(0.5), lo, hi)
+            ra = np.where(squeezed_flat, mid_s, ra)
+            dot = ((u_s - ru) ** 2 + (ac_s - ra) ** 2 <= r0 * r0) & present[zi_s]
+            sac_codes[dot] = NERVE
+        codes[inner] = sac_codes
+    flat = block.reshape(-1)
+    flat[sel] = codes
+    canvas.codes[box] = flat.reshape(block.shape)
+
+
+def paint_spine(canvas: Canvas, spine: Spine) -> None:
+    """Every structure of the spine, in painter's order: foramina (fat, root, narrowing), discs,
+    bodies, pedicles, transverse processes, laminae, spinous processes, ligamentum flavum,
+    facets, lateral recesses and the roots that leave the sac."""
+    sc = spine.scale
+    for d in range(1, N_DISCS + 1):
+        for side in (-1.0, 1.0):
+            _paint_foramen(canvas, spine, d, side)
+    for d, disc in enumerate(spine.discs):
+        _paint_disc(canvas, spine, d, disc)
+    for k, body in enumerate(spine.bodies):
+        _paint_body(canvas, body, sacral=k >= 7)
+        if k < 8:
+            _paint_posterior_elements(canvas, spine, k, body)
+    for d in range(1, N_DISCS + 1):
+        for side in (-1.0, 1.0):
+            _paint_facet(canvas, spine, d, side)
+            _paint_recess_and_root(canvas, spine, d, side)
+    del sc
+
+
+def _superellipse(u, a, hw, front, back):
+    """Kidney-like footprint of a body: round in front, flatter at the back."""
+    rear = a > 0
+    au = (u / hw) ** 2
+    return np.where(rear, au + (a / back) ** 4, au + (a / front) ** 2)
+
+
+def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
+    """A vertebral body: cortex shell, concave waist, flat endplates, marrow inside."""
+    h, dd, ww = body.height, body.depth / 2, body.width / 2
+    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 3, h / 2 + 3))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    t = np.float32(np.tan(body.wedge / 2))
+    top = np.float32(h / 2) - a * t
+    bottom = -np.float32(h / 2) + a * t
+    rel = np.clip(w / np.float32(h / 2), -1, 1)
+    waist = np.float32(1.0) - np.float32(0.09) * (1 - rel * rel)
+    foot = _superellipse(u, a, np.float32(ww) * waist, np.float32(dd) * waist, np.float32(dd))
+    inside = (foot <= 1.0) & (w <= top) & (w >= bottom)
+    shell = np.float32(1.4)
+    inner = _superellipse(u, a, np.float32(ww - 1.6) * waist, np.float32(dd - 1.6) * waist,
+                          np.float32(dd - 1.6))  # fmt: skip
+    marrow = inside & (inner <= 1.0) & (w <= top - shell) & (w >= bottom + shell)
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    codes[inside] = CORTEX
+    codes[marrow] = MARROW
+    if not sacral:
+        # The basivertebral vein: a small notch of venous fat/blood at the posterior wall.
+        notch = (np.abs(w) < 2.0) & (np.abs(u) < 3.0) & (a > dd - 5.0) & inside
+        codes[notch] = FAT
+    canvas.write(box, index, codes)
+
+
+def _paint_disc(canvas: Canvas, spine: Spine, d: int, disc: Segment) -> None:
+    """A wedge disc: annulus around a nucleus (T2 brightness and height from its
+    degeneration), with an intranuclear cleft in the older ones."""
+    h, dd, ww = disc.height, disc.depth / 2, disc.width / 2
+    picked = _select(canvas, disc, (-ww - 2, ww + 2), (-dd - 2, dd + 2), (-h / 2 - 4, h / 2 + 4))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    t = np.float32(np.tan(disc.wedge / 2))
+    half = np.float32(h / 2 + 2.5) - a * t  # overlaps the endplates; bodies paint over it
+    foot = _superellipse(u, a, np.float32(ww + 1.0), np.float32(dd + 1.0), np.float32(dd + 0.5))
+    inside = (foot <= 1.0) & (np.abs(w) <= half)
+    g = float(spine.degeneration[d])
+    hn = (np.float32(h / 2) - a * t) * np.float32(0.72 - 0.25 * g)
+    nuc = (u / np.float32(ww * (0.72 - 0.2 * g))) ** 2
+    nuc = nuc + ((a - np.float32(0.1 * dd)) / np.float32(dd * (0.68 - 0.2 * g))) ** 2
+    nuc = nuc + (w / np.maximum(hn, np.float32(0.5))) ** 2
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    codes[inside] = ANNULUS
+    nucleus = inside & (nuc <= 1.0)
+    codes[nucleus] = NUCLEUS + min(d - 1, N_DISCS - 1) if d >= 1 else NUCLEUS
+    if g > 0.3:
+        codes[nucleus & (np.abs(w) < np.float32(0.4 + 0.8 * g))] = ANNULUS
+    canvas.write(box, index, codes)
+
+
+def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segment) -> None:
+    """Pedicles, transverse processes, laminae and the spinous process of vertebra ``k``."""
+    sc = spine.scale
+    canal_hw, canal_ap, ped_hw, tp_len = spine.posterior[k]
+    h, dd = body.height, body.depth / 2
+    ped_hh = 6.5 * sc
+    wp = h / 2 - 8.0 * sc
+    ped_u = canal_hw + ped_hw - 1.0
+    reach_u = ped_u + ped_hw + tp_len + 2
+    a_back = dd + canal_ap + 35 * sc
+    picked = _select(canvas, body, (-reach_u, reach_u), (dd - 5, a_back), (-h / 2 - 14, h / 2 + 4))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    au = np.abs(u)
+    codes = np.zeros(u.shape, dtype=np.uint8)
+
+    def bone(mask_outer, mask_inner):
+        codes[mask_outer] = CORTEX
+        codes[mask_inner] = MARROW
+
+    # Pedicles: elliptic cylinders along a, from the body's back to the articular pillar.
+    pu = (au - np.float32(ped_u)) / np.float32(ped_hw)
+    pw = (w - np.float32(wp)) / np.float32(ped_hh)
+    along = (a > dd - 4) & (a < dd + 12 * sc)
+    rho = pu * pu + pw * pw
+    bone((rho <= 1) & along, (rho <= 0.55) & along)
+    # Transverse processes.
+    if tp_len > 0:
+        ta = (a - np.float32(dd + 9 * sc)) / np.float32(3.5 * sc)
+        tw = (w - np.float32(wp)) / np.float32(5.0 * sc)
+        tu = (au > ped_u) & (au < ped_u + ped_hw + tp_len)
+        tip = 1 - 0.5 * np.clip((au - np.float32(ped_u + ped_hw)) / np.float32(tp_len), 0, 1)
+        r = ta * ta + (tw / tip) ** 2
+        bone((r <= 1) & tu, (r <= 0.4) & tu)
+    # Laminae: a roof behind the canal, from the pedicles' level down over the disc below.
+    a_roof = np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    lam_t = np.float32(5.0 * sc)
+    slope = (np.float32(wp) - w) * np.float32(0.25)
+    la = a - a_roof - slope
+    lam = (la >= 0) & (la <= lam_t) & (au <= canal_hw + ped_hw) & (w <= wp + 4) & (w >= -h / 2 - 9 * sc)
+    bone(lam, lam & (la > 1.3) & (la < lam_t - 1.3))
+    # Spinous process: a plate sloping down and back from the laminae's junction.
+    sa = a - a_roof - lam_t + np.float32(1.0)
+    length = np.float32(28.0 * sc)
+    centre_w = np.float32(-h / 2 + 5 * sc) - np.float32(0.3) * sa
+    half_h = np.float32(9.0 * sc) - np.float32(0.1) * sa
+    sp = (sa >= 0) & (sa <= length) & (au <= 3.0 * sc) & (np.abs(w - centre_w) <= half_h)
+    bone(sp, sp & (au <= 1.5 * sc) & (np.abs(w - centre_w) <= half_h - 1.4) & (sa < length - 1.4))
+    canvas.write(box, index, codes)
+
+
+def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
+    """The facet joint at disc ``d`` on one side: the lower vertebra's superior process in
+    front and lateral, the upper one's inferior process behind and medial, a thin joint space
+    between (oriented FACET_ANGLE from sagittal), and the ligamentum flavum lining the canal."""
+    disc = spine.discs[d]
+    sc = spine.scale
+    canal_hw, canal_ap, _, _ = spine.level_posterior(d)
+    dd = disc.depth / 2
+    fu, fa, fw = side * (canal_hw + 4.5 * sc), dd + 0.72 * canal_ap, -1.5 * sc
+    su, sa_, sw = 7.5 * sc, 7.0 * sc, 12.0 * sc
+    picked = _select(canvas, disc, (fu - su - 6, fu + su + 6), (dd - 2, fa + sa_ + 2),
+                   (fw - sw - 6, fw + sw + 6))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    # Ligamentum flavum: a layer on the posterolateral canal wall at the disc level; thicker
+    # when the canal finding at this level is advanced (the sac's own narrowing shows it).
+    level = d - 2
+    s_canal = spine.severity_of("spinal_canal_stenosis", level) if level >= 0 else 0.0
+    lf_t = np.float32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
+    au = np.abs(u)
+    a_roof = np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    on_side = (u * np.float32(side)) >= 0
+    lf = (a <= a_roof + 1) & (a >= a_roof - lf_t) & (au <= canal_hw) & on_side
+    lf &= np.abs(w) <= np.float32(disc.height / 2 + 9 * sc)
+    codes[lf] = LIGAMENT
+    rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + ((a - np.float32(fa)) / np.float32(sa_)) ** 2
+    rho = rho + ((w - np.float32(fw)) / np.float32(sw)) ** 2
+    beta = float(spine.facet_angle[d - 1])
+    nu, na = np.float32(side * np.cos(beta)), np.float32(-np.sin(beta))
+    dist = (u - np.float32(fu)) * nu + (a - np.float32(fa)) * na
+    inside = rho <= 1.0
+    codes[inside] = CORTEX
+    codes[inside & (rho <= 0.6) & (np.abs(dist) > 1.9)] = MARROW
+    codes[inside & (np.abs(dist) <= 0.7) & (rho <= 0.9)] = JOINT
+    canvas.write(box, index, codes)
+
+
+def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
+    """The foramen at disc ``d``: fat around the exiting root (DRG) in its upper part, lost
+    front-back then up-down with the foraminal finding (lumbar levels only); what replaces the
+    fat is dark (bulging disc, osteophyte, ligament). Bones paint over its walls afterwards."""
+    disc = spine.discs[d]
+    sc = spine.scale
+    ru, ra, rw = spine.foramen_root(d, side)
+    level = d - 2
+    s = spine.severity_of(f"{'left' if side > 0 else 'right'}_neural_foraminal_narrowing", level) if level >= 0 else 0.1  # noqa: E501
+    front_back, up_down, flatten = (float(v) for v in findings.foraminal_fat(s))
+    half_u = 7.0 * sc
+    picked = _select(canvas, disc, (ru - half_u, ru + half_u), (ra - 12, ra + 12),
+                   (rw - 24, rw + 12))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    slab = np.abs(u - np.float32(ru)) <= np.float32(half_u)
+    root_r = np.float32(2.6 * sc)
+    # The opening the bones leave: a tall keyhole, wide at the root and narrow behind the disc.
+    da, dw = a - np.float32(ra), w - np.float32(rw)
+    opening = (da / np.float32(7.5 * sc)) ** 2 + (dw / np.float32(np.where(True, 1, 1) * 11.0 * sc)) ** 2
+    opening = np.where(dw < 0, (da / np.float32(6.0 * sc)) ** 2 + (dw / np.float32(17.0 * sc)) ** 2,
+                       opening)  # fmt: skip
+    codes[(opening <= 1.0) & slab] = LIGAMENT
+    fat_a = root_r + np.float32(5.5 * sc * front_back)
+    fat_up = root_r + np.float32(5.0 * sc * up_down)
+    fat_down = root_r + np.float32(14.0 * sc * up_down)
+    fat = (da / fat_a) ** 2 + (dw / np.where(dw > 0, fat_up, fat_down)) ** 2
+    codes[(fat <= 1.0) & (opening <= 1.0) & slab] = FAT
+    root_a = root_r * np.float32(1.0 - flatten)
+    root = (da / root_a) ** 2 + (dw / (root_r * np.float32(1.0 + 0.5 * flatten))) ** 2
+    codes[(root <= 1.0) & slab] = NERVE
+    canvas.write(box, index, codes)
+
+
+def _paint_recess_and_root(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
+    """The lateral recess at disc ``d``: the descending root (leaving the sac above this disc)
+    in CSF and fat, narrowed from behind and outside by facet and ligament as the subarticular
+    finding grows; the root, pushed medially once contacted, then runs on to its foramen."""
+    disc = spine.discs[d]
+    sc = spine.scale
+    level = d - 2
+    name = f"{'left' if side > 0 else 'right'}_subarticular_stenosis"
+    s = spine.severity_of(name, level) if level >= 0 else 0.1
+    fill, flatten = (float(v) for v in findings.recess_intrusion(s))
+    canal_hw, canal_ap, _, _ = spine.level_posterior(d)
+    rc = spine.recess(d, side)
+    corner = np.array([side * (canal_hw + 1.5 * sc), disc.depth / 2 + 0.75 * canal_ap])
+    to_root = rc[:2] - corner
+    reach = float(np.linalg.norm(to_root))
+    direction = to_root / reach
+    root_r = 1.7 * sc
+    picked = _select(canvas, disc, (min(rc[0], corner[0]) - 8, max(rc[0], corner[0]) + 8),
+                   (rc[1] - 6, corner[1] + 6), (-disc.height / 2 - 8, disc.height / 2 + 8))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    pu, pa = u - np.float32(corner[0]), a - np.float32(corner[1])
+    along = pu * np.float32(direction[0]) + pa * np.float32(direction[1])
+    across = np.abs(pu * np.float32(-direction[1]) + pa * np.float32(direction[0]))
+    band = np.abs(w) <= np.float32(disc.height / 2 + 5 * sc)
+    # The recess: CSF of the root sleeve with fat laterally.
+    recess = ((u - np.float32(rc[0])) / np.float32(4.0 * sc)) ** 2 + ((a - np.float32(rc[1])) / np.float32(3.2 * sc)) ** 2
+    recess = recess + (w / np.float32(disc.height / 2 + 5 * sc)) ** 2
+    codes[recess <= 1.0] = CSF
+    codes[(recess <= 1.0) & (along < reach - 2.5 * sc)] = FAT
+    # Intrusion: facet and ligament advancing from the posterolateral corner toward the root.
+    front = fill * (reach + 4.0 * sc)  # at fill = 1 it passes the root to the sac's wall
+    intrude = (along <= np.float32(front)) & (across <= np.float32(6.0 * sc)) & band & (along > -6)
+    codes[intrude & (along > front - 1.5)] = LIGAMENT
+    codes[intrude & (along <= front - 1.5)] = CORTEX
+    codes[intrude & (along <= front - 3.0) & (across < 4.0 * sc)] = MARROW
+    # The descending root: pushed along ``direction`` once the intrusion reaches it.
+    push = max(0.0, front - (reach - root_r)) * 0.6
+    cu = rc[0] + direction[0] * push
+    ca = rc[1] + direction[1] * push
+    du, da = u - np.float32(cu), a - np.float32(ca)
+    along_r = du * np.float32(direction[0]) + da * np.float32(direction[1])
+    across_r = du * np.float32(-direction[1]) + da * np.float32(direction[0])
+    thin = np.float32(root_r * (1.0 - flatten))
+    wide = np.float32(root_r * (1.0 + 0.6 * flatten))
+    root = (along_r / thin) ** 2 + (across_r / wide) ** 2 <= 1.0
+    codes[root & band] = NERVE
+    canvas.write(box, index, codes)
