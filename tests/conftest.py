@@ -15,7 +15,10 @@ from tiny_overrides import TINY_TWO_STAGE
 from lsdc.config import AugmentConfig
 from lsdc.synth.config import SynthConfig
 
-TINY_SYNTH = {"train_studies": 6, "test_studies": 2, "seed": 0, "image_size": 32, "slices": 8}
+TINY_SYNTH = {
+    "train_studies": 6, "test_studies": 2, "seed": 0, "image_size": 32, "slices": 8,
+    "coordinate_error_rate": 0.0,  # tests compare stage 1 and the crops with the true points
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +31,10 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-COMPETITION_SYNTH = {"train_studies": 2, "test_studies": 1, "seed": 6, "profile": "competition"}
+COMPETITION_SYNTH = {
+    "train_studies": 2, "test_studies": 1, "seed": 6, "profile": "competition",
+    "coordinate_error_rate": 0.0,
+}  # fmt: skip
 """Three studies at the real data's sizes (seed 6: 320-512 px, an Axial T2 of two tilted stacks
 in one series and one split into two series)."""
 

@@ -64,7 +64,9 @@ from lsdc.synth.generator import synthesize
 torch.set_num_threads(1)
 
 TINY = SynthConfig(train_studies=2, test_studies=0, seed=7, image_size=32, slices=8)
-NEW_QUIRKS = {"missing_coordinates_rate": 0.0, "reversed_storage_rate": 0.0}
+NEW_QUIRKS = {
+    "missing_coordinates_rate": 0.0, "reversed_storage_rate": 0.0, "coordinate_error_rate": 0.0,
+}  # fmt: skip
 GRID = (16, 32, 32)
 
 
@@ -238,11 +240,13 @@ def test_reversed_storage_is_flipped_back_at_preprocess(reversed_pair) -> None:
         np.testing.assert_allclose(truth_a, truth_b, atol=0.05)
         seen_a = localizer_inputs(plain, study_id, GRID, truth_a)
         seen_b = localizer_inputs(flipped, study_id, GRID, truth_b)
-        np.testing.assert_allclose(seen_a["volumes"], seen_b["volumes"], atol=1e-3)
+        # Resampled through tags rounded to 1e-4 mm, the anatomical phantom's sharp edges move
+        # a few voxels by a few 1e-3; a mirrored volume would differ by O(1).
+        np.testing.assert_allclose(seen_a["volumes"], seen_b["volumes"], atol=5e-3)
         np.testing.assert_allclose(seen_a["point_targets"], seen_b["point_targets"], atol=0.01)
     whole_a = StudyVolumeStore(plain_cache, GRID).load(int(plain.study_ids()[0]))
     whole_b = StudyVolumeStore(flipped_cache, GRID).load(int(plain.study_ids()[0]))
-    np.testing.assert_allclose(whole_a["volumes"], whole_b["volumes"], atol=1e-3)
+    np.testing.assert_allclose(whole_a["volumes"], whole_b["volumes"], atol=5e-3)
 
 
 # -------------------------------------------------------------- 3. split axial coverage

@@ -184,12 +184,13 @@ class Spine:
 
     def finding_centre(self, condition: str, level: int) -> np.ndarray:
         """Patient coordinates of one finding's centre (``level`` 0..4 = L1/L2..L5/S1): the sac's
-        centre at the disc; the exiting root in the foramen; the lateral recess at the disc."""
+        centre at the disc; the foramen's fat keyhole (just below its exiting root); the lateral recess
+        at the disc."""
         d = level + 2  # DISCS index
         disc = self.discs[d]
         side = 1.0 if condition.startswith("left_") else -1.0
-        if "foraminal" in condition:
-            return disc.to_patient(*self.foramen_root(d, side))
+        if "foraminal" in condition:  # the keyhole's centre, just below the root
+            return disc.to_patient(*(self.foramen_root(d, side) - [0.0, 0.0, 4.5 * self.scale]))
         if "subarticular" in condition:
             return disc.to_patient(*self.recess(d, side))
         canal_ap = self.level_posterior(d)[1]
@@ -378,18 +379,41 @@ def _seg_box(canvas: Canvas, seg: Segment, u: tuple, a: tuple, w: tuple) -> Box 
 def _select(canvas: Canvas, seg: Segment, u_lim: tuple, a_lim: tuple, w_lim: tuple):
     """The points within a local box of ``seg``'s frame: (block, flat index, u, a, w), or None.
 
-    The frame is computed on the block the box's patient bounds cover, then only the points
-    inside the local box are kept, so a shape's own tests run on its points alone."""
+    Candidates are found on the block's middle sub-samples (bounds grown by half the slice
+    thickness), and only theirs are expanded across the thickness and tested again, so a
+    shape's own tests run on its points alone."""
     box = _seg_box(canvas, seg, u_lim, a_lim, w_lim)
     if box is None:
         return None
-    u, a, w = _local(canvas, box, seg)
-    inside = (u >= u_lim[0]) & (u <= u_lim[1]) & (a >= a_lim[0]) & (a <= a_lim[1])
-    inside &= (w >= w_lim[0]) & (w <= w_lim[1])
-    index = np.flatnonzero(inside)
+    c, s = np.float32(np.cos(seg.alpha)), np.float32(np.sin(seg.alpha))
+    cx, cy, cz = (np.float32(v) for v in seg.centre)
+    x, y, z = (plane[box[:3]] for plane in canvas.mid_points)
+    pad = np.float32(canvas.half_thickness)
+    u = x - cx
+    keep = (u >= u_lim[0] - pad) & (u <= u_lim[1] + pad)
+    dy, dz = y - cy, z - cz
+    a = dy * c + dz * s
+    keep &= (a >= a_lim[0] - pad) & (a <= a_lim[1] + pad)
+    w = dz * c - dy * s
+    keep &= (w >= w_lim[0] - pad) & (w <= w_lim[1] + pad)
+    index = np.flatnonzero(keep)
     if index.size == 0:
         return None
-    return box, index, u.reshape(-1)[index], a.reshape(-1)[index], w.reshape(-1)[index]
+    offsets = canvas.offsets  # (S, 3)
+    n_sub = len(offsets)
+    ox, oy, oz = (offsets[:, k][None, :] for k in range(3))
+    u = (u.reshape(-1)[index][:, None] + ox).reshape(-1)
+    dy = (dy.reshape(-1)[index][:, None] + oy).reshape(-1)
+    dz = (dz.reshape(-1)[index][:, None] + oz).reshape(-1)
+    a = dy * c + dz * s
+    w = dz * c - dy * s
+    inside = (u >= u_lim[0]) & (u <= u_lim[1]) & (a >= a_lim[0]) & (a <= a_lim[1])
+    inside &= (w >= w_lim[0]) & (w <= w_lim[1])
+    flat = (index[:, None] * n_sub + np.arange(n_sub)[None, :]).reshape(-1)
+    chosen = np.flatnonzero(inside)
+    if chosen.size == 0:
+        return None
+    return box, flat[chosen], u[chosen], a[chosen], w[chosen]
 
 
 def _canal_box(spine: Spine, half_u: float, a_range: tuple, z_range: tuple | None = None):
@@ -429,9 +453,13 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     codes[inner <= 1.0] = MUSCLE
     wall = 10.0 * sc
     cavity = (u / np.float32(tx - f - wall)) ** 2 + (a_t / np.float32(ty - f - wall)) ** 2
-    codes[(cavity <= 1.0) & (ac < -10)] = FAT  # retroperitoneal fat
-    organs = (u / np.float32(tx - f - wall - 8)) ** 2 + ((a_t + 12) / np.float32(ty - f - wall)) ** 2
-    codes[(organs <= 1.0) & (ac < -45 * sc)] = VISCERA
+    in_cavity = (cavity <= 1.0) & (ac < -10)
+    codes[in_cavity] = VISCERA
+    # Retroperitoneal fat in front of and beside the spine (psoas and vessels paint over it).
+    half_w0, body_a0 = table.body_hw[zi], table.body_a[zi]
+    retro = (u / (half_w0 + np.float32(38 * sc))) ** 2
+    retro = retro + ((ac - body_a0 + np.float32(6 * sc)) / np.float32(30 * sc)) ** 2
+    codes[in_cavity & (retro <= 1.0)] = FAT
     for row in spine.organs:
         c, semi, code = row[:3], row[3:6], int(row[6])
         box = canvas.box(c - semi, c + semi)
@@ -443,7 +471,7 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
         inside += ((y - np.float32(c[1])) / np.float32(semi[1])) ** 2
         inside += ((zz - np.float32(c[2])) / np.float32(semi[2])) ** 2
         sub = canvas.codes[box]
-        sub[(inside <= 1.0) & ((sub == FAT) | (sub == VISCERA))] = code
+        sub[(inside <= 1.0) & (sub == VISCERA)] = code
     # Paraspinal muscles behind the canal (fat planes between them), psoas and quadratus beside
     # the bodies, aorta and cava in front.
     half_w, body_a, psoas_r = table.body_hw[zi], table.body_a[zi], table.psoas_r[zi]
@@ -665,11 +693,13 @@ def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
     top = np.float32(h / 2) - a * t
     bottom = -np.float32(h / 2) + a * t
     rel = np.clip(w / np.float32(h / 2), -1, 1)
-    waist = np.float32(1.0) - np.float32(0.09) * (1 - rel * rel)
-    foot = _superellipse(u, a, np.float32(ww) * waist, np.float32(dd) * waist, np.float32(dd))
+    pinch = 1 - rel * rel
+    waist = np.float32(1.0) - np.float32(0.1) * pinch  # the concave front
+    side = np.float32(1.0) - np.float32(0.03) * pinch  # and a gentler side
+    foot = _superellipse(u, a, np.float32(ww) * side, np.float32(dd) * waist, np.float32(dd))
     inside = (foot <= 1.0) & (w <= top) & (w >= bottom)
     shell = np.float32(1.4)
-    inner = _superellipse(u, a, np.float32(ww - 1.6) * waist, np.float32(dd - 1.6) * waist,
+    inner = _superellipse(u, a, np.float32(ww - 1.6) * side, np.float32(dd - 1.6) * waist,
                           np.float32(dd - 1.6))  # fmt: skip
     marrow = inside & (inner <= 1.0) & (w <= top - shell) & (w >= bottom + shell)
     codes = np.zeros(u.shape, dtype=np.uint8)
@@ -869,10 +899,16 @@ def _paint_recess_and_root(canvas: Canvas, spine: Spine, d: int, side: float) ->
     codes[(recess <= 1.0) & (along < reach - 2.5 * sc)] = FAT
     # Intrusion: facet and ligament advancing from the posterolateral corner toward the root.
     front = fill * (reach + 4.0 * sc)  # at fill = 1 it passes the root to the sac's wall
-    intrude = (along <= np.float32(front)) & (across <= np.float32(6.0 * sc)) & band & (along > -6)
-    codes[intrude & (along > front - 1.5)] = LIGAMENT
-    codes[intrude & (along <= front - 1.5)] = CORTEX
-    codes[intrude & (along <= front - 3.0) & (across < 4.0 * sc)] = MARROW
+    if front > 0.5:
+        # A rounded lobe of hypertrophied facet (bone, dark rim) and ligament growing from the
+        # corner toward the root, tapering top and bottom.
+        half = np.float32(front / 2 + 3.0)
+        lobe = ((along - np.float32(front / 2 - 3.0)) / half) ** 2
+        lobe = lobe + (across / np.float32(6.5 * sc)) ** 2
+        lobe = lobe + (w / np.float32(disc.height / 2 + 5 * sc)) ** 2
+        codes[lobe <= 1.0] = LIGAMENT
+        codes[(lobe <= 0.55) & (along < front - 3.0)] = CORTEX
+        codes[(lobe <= 0.3) & (along < front - 4.5)] = MARROW
     # The descending root: pushed along ``direction`` once the intrusion reaches it.
     push = max(0.0, front - (reach - root_r)) * 0.6
     cu = rc[0] + direction[0] * push

@@ -59,7 +59,10 @@ class Canvas:
         if deform is not None:
             plane = list(deform(*plane))
         self.mid_points = tuple(plane)
-        self._offsets = ((np.arange(shape[3]) - mid)[:, None] * self.steps[3]).astype(np.float32)
+        self.offsets = ((np.arange(shape[3]) - mid)[:, None] * self.steps[3]).astype(np.float32)
+        """(sub-samples, 3) patient offsets of each sub-sample from the middle one."""
+        self.half_thickness = float(np.abs(self.offsets).sum(axis=1).max())
+        """The farthest (mm, per axis summed) a sub-sample lies from the middle one."""
         self.codes = np.zeros(shape, dtype=np.uint8)
         basis = self.steps[:3].T  # columns: slice, row, column steps
         self._inverse = np.linalg.inv(basis)
@@ -86,7 +89,7 @@ class Canvas:
     def points(self, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Deformed patient coordinates (x, y, z) of a block, shaped like ``codes[box]``."""
         return tuple(
-            plane[box[:3]][..., None] + self._offsets[box[3], axis]
+            plane[box[:3]][..., None] + self.offsets[box[3], axis]
             for axis, plane in enumerate(self.mid_points)
         )
 

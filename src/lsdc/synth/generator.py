@@ -470,7 +470,7 @@ def _render_anatomical(
         return []
     table = tissues.draw_tissues(rng, spine, series[0].field_strength)
     bias = render.bias_field(rng, spine.centre)
-    texture = render.texture_field(rng)
+    texture = render.texture_field(rng, spine.centre)
     ghost_rng = _quirk_rng(config, split, index, 3)
     wrap_rng = _quirk_rng(config, split, index, 4)
     out: list[list[np.ndarray]] = []

@@ -85,18 +85,22 @@ def bias_field(rng: np.random.Generator, centre: np.ndarray):
     return field
 
 
-def texture_field(rng: np.random.Generator):
-    """A smooth random field in [-1, 1] over patient space (4-20 mm waves)."""
-    direction = rng.standard_normal((6, 3))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    waves = (direction * (2 * np.pi / rng.uniform(4.0, 25.0, (6, 1)))).astype(np.float32)
-    phases = rng.uniform(0, 2 * np.pi, 6).astype(np.float32)
+TEXTURE_CELL_MM = 4.0
+"""Cell of the texture's random lattice (value noise, trilinear between lattice points)."""
+
+
+def texture_field(rng: np.random.Generator, centre: np.ndarray, half_mm: float = 170.0):
+    """A smooth random field (unit variance before interpolation) over patient space: Gaussian
+    values on a TEXTURE_CELL_MM lattice around ``centre``, interpolated trilinearly."""
+    n = int(np.ceil(2 * half_mm / TEXTURE_CELL_MM)) + 1
+    lattice = rng.standard_normal((n, n, n), dtype=np.float32)
+    origin = np.asarray(centre, dtype=np.float64) - half_mm
 
     def field(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        total = np.zeros_like(x)
-        for (kx, ky, kz), phase in zip(waves, phases, strict=True):
-            total += np.sin(kx * x + ky * y + kz * z + phase)
-        return total * np.float32(0.4)
+        index = [(v.reshape(-1) - np.float32(origin[k])) * np.float32(1 / TEXTURE_CELL_MM)
+                 for k, v in enumerate((x, y, z))]  # fmt: skip
+        values = ndimage.map_coordinates(lattice, index, order=1, mode="nearest")
+        return values.reshape(x.shape) * np.float32(1.4)
 
     return field
 

@@ -20,7 +20,7 @@ from lsdc.synth import anatomy as an
 TISSUES: dict[int, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
     an.AIR: ((1.0, 1.0), (1.0, 1.0), (0.0, 0.0)),
     an.SKIN: ((500.0, 700.0), (35.0, 50.0), (60.0, 75.0)),
-    an.FAT: ((250.0, 300.0), (130.0, 165.0), (95.0, 100.0)),
+    an.FAT: ((250.0, 300.0), (100.0, 135.0), (95.0, 100.0)),
     an.MUSCLE: ((860.0, 1230.0), (35.0, 45.0), (65.0, 75.0)),
     an.CORTEX: ((200.0, 300.0), (0.5, 1.0), (5.0, 10.0)),
     an.ANNULUS: ((700.0, 900.0), (40.0, 60.0), (55.0, 70.0)),
@@ -45,7 +45,7 @@ DEFAULT_T1_AT_3T = (1.15, 1.35)
 T2_AT_3T = (0.85, 0.95)
 
 TEXTURE = {an.MARROW: 0.09, an.FAT: 0.03, an.MUSCLE: 0.06, an.BOWEL: 0.12, an.KIDNEY: 0.05,
-           an.VISCERA: 0.2}
+           an.VISCERA: 0.12}
 """Amplitude of each tissue's smooth random texture (others: DEFAULT_TEXTURE)."""
 DEFAULT_TEXTURE = 0.025
 
