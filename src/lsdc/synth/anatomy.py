@@ -429,79 +429,92 @@ def _canal_box(spine: Spine, half_u: float, a_range: tuple, z_range: tuple | Non
 
 
 def paint_trunk(canvas: Canvas, spine: Spine) -> None:
-    """Skin, subcutaneous fat, muscle wall, abdominal fat, organs, vessels and the paraspinal
-    muscles: large smooth structures, painted on the middle sub-sample only and copied to the
-    others (they barely change over a slice's thickness)."""
+    """Skin, subcutaneous fat, muscle wall, viscera, retroperitoneal fat, organs, vessels and
+    the paraspinal muscles: large smooth structures, painted on the middle sub-sample only and
+    copied to the others (they barely change over a slice's thickness). Each structure is
+    tested only on the points its neighbourhood (in canal coordinates) holds."""
     mid = canvas.shape[3] // 2
     full = (slice(None), slice(None), slice(None), slice(mid, mid + 1))
     table = profiles(spine)
-    zi = _zindex(canvas, spine, full)
-    x, y, z = canvas.points(full)
+    zi = _zindex(canvas, spine, full).reshape(-1)
+    x, y, _ = (v.reshape(-1) for v in canvas.mid_points)
     u = x - np.float32(spine.centre[0])
     ac = (y - table.canal_y[zi]) * table.canal_cos[zi]
     sc = spine.scale
     tx, ty = spine.trunk
-    back = spine.back
+    f = spine.fat
+    codes = np.zeros(u.shape, dtype=np.uint8)
     # Trunk ellipse in (u, a): its back at a = back.
-    a_t = ac - np.float32(back - ty)
-    rho = (u / np.float32(tx)) ** 2 + (a_t / np.float32(ty)) ** 2
-    codes = canvas.codes[full]
+    a_t = ac - np.float32(spine.back - ty)
+    rho = (u * np.float32(1 / tx)) ** 2 + (a_t * np.float32(1 / ty)) ** 2
     codes[rho <= 1.0] = SKIN
     codes[rho <= (1 - 2.5 / ty) ** 2] = FAT
-    f = spine.fat
-    inner = (u / np.float32(tx - f)) ** 2 + (a_t / np.float32(ty - f * 0.8)) ** 2
+    inner = (u * np.float32(1 / (tx - f))) ** 2 + (a_t * np.float32(1 / (ty - f * 0.8))) ** 2
     codes[inner <= 1.0] = MUSCLE
     wall = 10.0 * sc
-    cavity = (u / np.float32(tx - f - wall)) ** 2 + (a_t / np.float32(ty - f - wall)) ** 2
-    in_cavity = (cavity <= 1.0) & (ac < -10)
-    codes[in_cavity] = VISCERA
-    # Retroperitoneal fat in front of and beside the spine (psoas and vessels paint over it).
-    half_w0, body_a0 = table.body_hw[zi], table.body_a[zi]
-    retro = (u / (half_w0 + np.float32(38 * sc))) ** 2
-    retro = retro + ((ac - body_a0 + np.float32(6 * sc)) / np.float32(30 * sc)) ** 2
-    codes[in_cavity & (retro <= 1.0)] = FAT
+    cavity = (u * np.float32(1 / (tx - f - wall))) ** 2
+    cavity += (a_t * np.float32(1 / (ty - f - wall))) ** 2
+    codes[(cavity <= 1.0) & (ac < -10)] = VISCERA
+
+    def subset(mask: np.ndarray):
+        index = np.flatnonzero(mask)
+        return index, u[index], ac[index], zi[index], codes[index]
+
+    # Near the spine: retroperitoneal fat, psoas, quadratus lumborum, aorta and cava.
+    index, su, sa, szi, sub = subset((ac < 20 * sc) & (ac > -110 * sc) & (np.abs(u) < 110 * sc))
+    half_w, body_a, psoas_r = table.body_hw[szi], table.body_a[szi], table.psoas_r[szi]
+    retro = (su / (half_w + np.float32(25 * sc))) ** 2
+    retro += ((sa - body_a + np.float32(4 * sc)) / np.float32(20 * sc)) ** 2
+    sub[(retro <= 1.0) & (sub == VISCERA)] = FAT
+    l5_z = spine.bodies[6].centre[2]
+    above_l5 = table_z(table, szi) > l5_z
+    for side in (-1.0, 1.0):
+        s32 = np.float32(side)
+        pu = su - s32 * (half_w + psoas_r * np.float32(0.55))
+        pa = sa - (body_a + np.float32(3.0 * sc))
+        psoas = (pu / (psoas_r * np.float32(0.9) + 1)) ** 2 + (pa / (psoas_r * np.float32(0.75) + 1)) ** 2
+        sub[(psoas <= 1.3) & (sub != SKIN)] = FAT
+        sub[psoas <= 1.0] = MUSCLE
+        ql = ((su - s32 * (half_w + np.float32(38 * sc))) / np.float32(17 * sc)) ** 2
+        ql += ((sa + np.float32(4 * sc)) / np.float32(8 * sc)) ** 2
+        sub[(ql <= 1.0) & above_l5 & (sub == FAT)] = MUSCLE
+    aorta_split = spine.bodies[5].centre[2]  # L4
+    split = table_z(table, szi) < aorta_split
+    for side, radius, flat in ((1.0, 9.0, 1.0), (-1.0, 10.0, 0.65)):
+        vu = np.where(split, np.abs(su) - np.float32(18 * sc), su - np.float32(side * 14 * sc))
+        va = sa - (body_a - np.float32(radius * sc + 4))
+        r = np.where(split, np.float32(0.6 * radius * sc), np.float32(radius * sc))
+        vessel = (vu / r) ** 2 + (va / (r * np.float32(flat))) ** 2 <= 1.0
+        sub[vessel & (sub != MUSCLE)] = VESSEL
+    codes[index] = sub
+    # Behind the canal: multifidus and the erector spinae with a thin fat septum between
+    # them, and the thoracolumbar fascia's fat plane at their lateral edge.
+    index, su, sa, _, sub = subset((ac > 0) & (codes == MUSCLE))
+    au = np.abs(su)
+    septum = np.abs(au - np.float32(20.0 * sc) - np.float32(0.25) * (sa - np.float32(10.0 * sc)))
+    back_muscle = (sa > 12.0 * sc) & (sa < np.float32(spine.back - f - 4))
+    sub[(septum < 0.9) & back_muscle] = FAT
+    fascia = np.abs(au - np.float32(62.0 * sc) + np.float32(0.3) * (sa - np.float32(10.0 * sc)))
+    sub[fascia < 1.2] = FAT
+    codes[index] = sub
+    plane = codes.reshape(canvas.shape[:3])
     for row in spine.organs:
         c, semi, code = row[:3], row[3:6], int(row[6])
         box = canvas.box(c - semi, c + semi)
         if box is None:
             continue
-        box = box[:3] + (slice(mid, mid + 1),)
-        x, y, zz = canvas.points(box)
-        inside = ((x - np.float32(c[0])) / np.float32(semi[0])) ** 2
-        inside += ((y - np.float32(c[1])) / np.float32(semi[1])) ** 2
-        inside += ((zz - np.float32(c[2])) / np.float32(semi[2])) ** 2
-        sub = canvas.codes[box]
-        sub[(inside <= 1.0) & (sub == VISCERA)] = code
-    # Paraspinal muscles behind the canal (fat planes between them), psoas and quadratus beside
-    # the bodies, aorta and cava in front.
-    half_w, body_a, psoas_r = table.body_hw[zi], table.body_a[zi], table.psoas_r[zi]
-    l5_z = spine.bodies[6].centre[2]
-    for side in (-1.0, 1.0):
-        s32 = np.float32(side)
-        pu = u - s32 * (half_w + psoas_r * 0.55)
-        pa = ac - (body_a + np.float32(3.0 * sc))
-        psoas = (pu / (psoas_r * 0.9 + 1)) ** 2 + (pa / (psoas_r * 0.75 + 1)) ** 2
-        codes[(psoas <= 1.3) & (codes != SKIN)] = FAT
-        codes[psoas <= 1.0] = MUSCLE
-        ql = ((u - s32 * (half_w + 38 * sc)) / (17 * sc)) ** 2 + ((ac + 4 * sc) / (8 * sc)) ** 2
-        codes[(ql <= 1.0) & (z > l5_z) & (codes == FAT)] = MUSCLE
-        # Paraspinal muscle mass: multifidus and the erector spinae with a thin fat septum
-        # between them, and the thoracolumbar fascia's fat plane at their lateral edge.
-        septum = np.abs(u * s32 - np.float32(20.0 * sc) - np.float32(0.25) * (ac - 10.0 * sc))
-        back_muscle = (ac > 12.0 * sc) & (ac < np.float32(back - f - 4))
-        codes[(septum < 0.9) & back_muscle & (codes == MUSCLE)] = FAT
-        fascia = np.abs(u * s32 - np.float32(62.0 * sc) + np.float32(0.3) * (ac - 10.0 * sc))
-        codes[(fascia < 1.2) & (ac > 0) & (codes == MUSCLE)] = FAT
-    aorta_split = spine.bodies[5].centre[2]  # L4
-    for side, radius, flat in ((1.0, 9.0, 1.0), (-1.0, 10.0, 0.65)):
-        vu = u - np.float32(side * 14 * sc)
-        va = ac - (body_a * 1.0 - np.float32(radius * sc + 4))
-        split = z < aorta_split
-        vu = np.where(split, np.abs(u) - np.float32(18 * sc), vu)
-        r = np.where(split, 0.6 * radius * sc, radius * sc).astype(np.float32)
-        vessel = (vu / r) ** 2 + (va / (r * flat)) ** 2 <= 1.0
-        codes[vessel & (codes != MUSCLE)] = VESSEL
-    canvas.codes[...] = codes  # broadcast the middle sub-sample to all
+        ox, oy, oz = (p[box[:3]] for p in canvas.mid_points)
+        inside = ((ox - np.float32(c[0])) / np.float32(semi[0])) ** 2
+        inside += ((oy - np.float32(c[1])) / np.float32(semi[1])) ** 2
+        inside += ((oz - np.float32(c[2])) / np.float32(semi[2])) ** 2
+        part = plane[box[:3]]
+        part[(inside <= 1.0) & (part == VISCERA)] = code
+    canvas.codes[...] = plane[..., None]  # the middle sub-sample's codes for all
+
+
+def table_z(table: "Profiles", zi: np.ndarray) -> np.ndarray:
+    """Height (mm) of Profiles indices."""
+    return np.float32(table.z0) + zi.astype(np.float32) * np.float32(Z_STEP)
 
 
 Z_STEP = 0.5
@@ -678,8 +691,11 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
 def _superellipse(u, a, hw, front, back):
     """Kidney-like footprint of a body: round in front, flatter at the back."""
     rear = a > 0
-    au = (u / hw) ** 2
-    return np.where(rear, au + (a / back) ** 4, au + (a / front) ** 2)
+    out = (u / hw) ** 2
+    ra = a / np.where(rear, back, front)
+    ra = ra * ra
+    out += np.where(rear, ra * ra, ra)
+    return out
 
 
 def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:

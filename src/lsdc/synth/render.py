@@ -175,10 +175,11 @@ def render_stack(
         k1 = min(n, k0 + chunk)
         canvas = label_stack(spine, origin + k0 * steps[0], steps, (k1 - k0, *shape[1:]))
         signal = table[canvas.codes].mean(axis=3)
-        x, y, z = canvas.mid_points
+        # Texture and bias are smooth: evaluated on every other pixel, interpolated between.
+        x, y, z = (v[:, ::2, ::2] for v in canvas.mid_points)
         amp = tissues.texture[canvas.codes[..., SUB_SAMPLES // 2]]
-        signal *= 1 + amp * texture(x, y, z)
-        signal *= bias(x, y, z)
+        smooth = resize_planes(texture(x, y, z), *signal.shape[1:])
+        signal *= (1 + amp * smooth) * resize_planes(bias(x, y, z), *signal.shape[1:])
         out[k0:k1] = signal
     ref = np.float32(SIGNAL_REFERENCE)
     out = ref * (np.maximum(out, 0) / ref) ** np.float32(nuisance.gamma)
