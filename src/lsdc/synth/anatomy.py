@@ -560,7 +560,9 @@ def profiles(spine: Spine) -> Profiles:
         disc = spine.discs[j + 2]
         sev = spine.severity_of("spinal_canal_stenosis", j)
         c, k = float(findings.canal_narrowing(sev)), float(findings.root_clumping(sev))
-        bump = np.exp(-(((z - disc.centre[2]) / (disc.height / 2 + 4.0 * sc)) ** 4))
+        # Flat over the disc, gone within a few mm of its endplates (never at the next level).
+        bump = np.exp(-(((z - disc.centre[2]) / (disc.height / 2 + 3.0 * sc)) ** 6))
+        bump[bump < 0.02] = 0.0
         narrow = np.maximum(narrow, c * bump)
         clump = np.maximum(clump, k * bump)
     l1_z, l5_z = spine.bodies[2].centre[2], spine.bodies[6].centre[2]
@@ -831,7 +833,7 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     a_roof = np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
     on_side = (u * np.float32(side)) >= 0
     lf = (a <= a_roof + 1) & (a >= a_roof - lf_t) & (au <= canal_hw) & on_side
-    lf &= np.abs(w) <= np.float32(disc.height / 2 + 9 * sc)
+    lf &= np.abs(w) <= np.float32(disc.height / 2 + 6 * sc)
     codes[lf] = LIGAMENT
     rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + ((a - np.float32(fa)) / np.float32(sa_)) ** 2
     rho = rho + ((w - np.float32(fw)) / np.float32(sw)) ** 2
