@@ -61,12 +61,13 @@ def anatomical_image(spine, table, protocol: str, stack: Stack, rng) -> np.ndarr
     return render.render_stack(spine, signal, table, stack, None, nuisance, bias, texture, rng)[0]
 
 
-def simple_image(severity: np.ndarray, sequence: str, where: str, rng) -> np.ndarray:
+def simple_image(severity: np.ndarray, sequence: str, where: str, protocol: str, rng):
+    """The simple phantom's image of the same view (its own anatomy, same severity)."""
     body = phantom.draw_anatomy(np.random.default_rng(5), severity)
     centre = body.finding_centre(where, LEVEL)
-    if where == "spinal_canal_stenosis" and sequence == "T2":
+    if protocol == "sagittal_t2":
         stack = stack_at(centre, SAGITTAL, 70.0)
-    elif "foraminal" in where:
+    elif protocol == "sagittal_t1":
         stack = stack_at(centre, SAGITTAL, 50.0)
     else:
         stack = stack_at(body.finding_centre("spinal_canal_stenosis", LEVEL), AXIAL, 60.0)
@@ -132,7 +133,7 @@ def main() -> None:
             axes[r, c].set_title(f"{title}: {grade} (s={s:.2f})", fontsize=8)
         severity = np.full(25, 0.1)
         severity[k] = family_grades[family][2]
-        old = simple_image(severity, sequence, condition, np.random.default_rng(2))
+        old = simple_image(severity, sequence, condition, protocol, np.random.default_rng(2))
         axes[r, 3].imshow(old, cmap="gray", vmin=0, vmax=np.percentile(old, 99.5))
         axes[r, 3].set_title(f"simple phantom: Severe ({sequence})", fontsize=8)
     for ax in axes.ravel():
