@@ -41,11 +41,15 @@ from lsdc.contract import (
     load_train_labels,
 )
 from lsdc.evaluation.metric import official_score
-from lsdc.synth import SynthConfig, synthesize
+from lsdc.synth import SynthConfig, render, synthesize, tissues
 from lsdc.synth import anatomy as an
-from lsdc.synth import render, tissues
 
-SEQUENCES = {"T1": "sagittal_t1", "T2": "sagittal_t2", "STIR": "sagittal_stir", "axial T2": "axial_t2"}
+SEQUENCES = {
+    "T1": "sagittal_t1",
+    "T2": "sagittal_t2",
+    "STIR": "sagittal_stir",
+    "axial T2": "axial_t2",
+}
 SHOWN = {
     "fat": [an.FAT], "marrow": [an.MARROW], "disc nucleus": list(range(an.NUCLEUS, an.NUCLEUS + 6)),
     "annulus": [an.ANNULUS], "CSF": [an.CSF], "nerve roots": [an.NERVE], "muscle": [an.MUSCLE],
@@ -232,16 +236,21 @@ def visibility_check(root: Path) -> pd.DataFrame:
         key = (r.study_id, r.series_id)
         if key not in cache:
             cache[key] = _slices(root / "train_images" / str(r.study_id) / str(r.series_id))
-        own = pydicom.dcmread(root / "train_images" / f"{r.study_id}/{r.series_id}/{r.instance_number}.dcm")
+        own = pydicom.dcmread(
+            root / "train_images" / f"{r.study_id}/{r.series_id}/{r.instance_number}.dcm"
+        )
         family = CONDITION_GROUP[r.condition_key]
         spacing = float(own.PixelSpacing[0])
         if family == "spinal":
             # Map the mid-sagittal point to the nearest Axial T2 slice and measure there.
             o = np.asarray(own.ImageOrientationPatient, float)
-            point = np.asarray(own.ImagePositionPatient, float) + spacing * (r.x * o[:3] + r.y * o[3:])
+            point = np.asarray(own.ImagePositionPatient, float) + spacing * (
+                r.x * o[:3] + r.y * o[3:]
+            )
             best = None
-            for sid in series[(series["study_id"] == r.study_id)
-                              & (series["series_description"] == "Axial T2")]["series_id"]:
+            for sid in series[
+                (series["study_id"] == r.study_id) & (series["series_description"] == "Axial T2")
+            ]["series_id"]:
                 k = (r.study_id, int(sid))
                 if k not in cache:
                     cache[k] = _slices(root / "train_images" / str(r.study_id) / str(int(sid)))
@@ -255,9 +264,13 @@ def visibility_check(root: Path) -> pd.DataFrame:
             _, image, x, y, ps = best
             value = _bright_share(image, x, y, int(round(8.0 / ps)))
         elif family == "foraminal":
-            value = _bright_share(own.pixel_array.astype(float), r.x, r.y, int(round(5.0 / spacing)))
+            value = _bright_share(
+                own.pixel_array.astype(float), r.x, r.y, int(round(5.0 / spacing))
+            )
         else:
-            value = _bright_share(own.pixel_array.astype(float), r.x, r.y, int(round(4.0 / spacing)))
+            value = _bright_share(
+                own.pixel_array.astype(float), r.x, r.y, int(round(4.0 / spacing))
+            )
         rows.append((family, grade, value))
     frame = pd.DataFrame(rows, columns=["family", "grade", "value"])
     return frame.pivot_table(index="family", columns="grade", values="value", aggfunc="mean")[

@@ -125,7 +125,9 @@ def main() -> None:
             else:
                 stack = stack_at(sp.finding_centre("spinal_canal_stenosis", LEVEL) + [0, -4, 0],
                                  AXIAL, 60.0, tilt=tilt)  # fmt: skip
-            images.append((s, anatomical_image(sp, table, protocol, stack, np.random.default_rng(9))))
+            images.append(
+                (s, anatomical_image(sp, table, protocol, stack, np.random.default_rng(9)))
+            )
         top = max(np.percentile(im, 99.5) for _, im in images)
         for c, (s, image) in enumerate(images):
             grade = ("Normal/Mild", "Moderate", "Severe")[c]
@@ -139,7 +141,9 @@ def main() -> None:
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"lsdc synth --phantom anatomical (seed {args.seed}), findings at L4/L5", fontsize=11)
+    fig.suptitle(
+        f"lsdc synth --phantom anatomical (seed {args.seed}), findings at L4/L5", fontsize=11
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)

@@ -29,8 +29,15 @@ from lsdc.contract import (
 )
 from lsdc.errors import UserError
 from lsdc.evaluation.metric import official_score
-from lsdc.synth import ANSWER_FILES, REALISM_RATES, SynthConfig, phantom, synthesize
-from lsdc.synth import generator, tissues
+from lsdc.synth import (
+    ANSWER_FILES,
+    REALISM_RATES,
+    SynthConfig,
+    generator,
+    phantom,
+    synthesize,
+    tissues,
+)
 from lsdc.synth import labels as synth_labels
 from lsdc.synth.generator import COMPETITION_MATRICES, COMPETITION_PIXEL_MM, _plan_series
 
@@ -177,7 +184,9 @@ def test_dicom_files_are_valid_mr_with_the_geometry_tags(contract_root) -> None:
             # The CSV keeps the competition's description; the tag is the site's own name for
             # its protocol, and the protocol's timings are tagged (TI on STIR only).
             protocol = generator._protocol_of(
-                generator.Series(0, description, "STIR" if "IR" in ds.ScanningSequence else "T2", [])
+                generator.Series(
+                    0, description, "STIR" if "IR" in ds.ScanningSequence else "T2", []
+                )
             )
             assert ds.SeriesDescription in generator.SERIES_TAGS[ds.Manufacturer][protocol]
             low, high = tissues.PROTOCOLS[protocol].repetition

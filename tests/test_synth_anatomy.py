@@ -12,9 +12,8 @@ import pydicom
 import pytest
 
 from lsdc.contract import LABEL_COLUMNS, LEVELS
-from lsdc.synth import SynthConfig, synthesize
+from lsdc.synth import SynthConfig, findings, render, synthesize, tissues
 from lsdc.synth import anatomy as an
-from lsdc.synth import findings, render, tissues
 from lsdc.synth.canvas import Canvas
 from lsdc.synth.labels import THRESHOLDS
 
@@ -172,5 +171,7 @@ def test_simple_phantom_stays_reachable(tmp_path: Path) -> None:
     some = next(root.rglob("*.dcm"))
     ds = pydicom.dcmread(some)
     assert "RepetitionTime" not in ds and ds.SeriesDescription in (
-        "Sagittal T1", "Sagittal T2/STIR", "Axial T2"
+        "Sagittal T1",
+        "Sagittal T2/STIR",
+        "Axial T2",
     )

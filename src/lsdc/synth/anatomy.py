@@ -472,7 +472,9 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
         s32 = np.float32(side)
         pu = su - s32 * (half_w + psoas_r * np.float32(0.55))
         pa = sa - (body_a + np.float32(3.0 * sc))
-        psoas = (pu / (psoas_r * np.float32(0.9) + 1)) ** 2 + (pa / (psoas_r * np.float32(0.75) + 1)) ** 2
+        psoas = (pu / (psoas_r * np.float32(0.9) + 1)) ** 2 + (
+            pa / (psoas_r * np.float32(0.75) + 1)
+        ) ** 2
         sub[(psoas <= 1.3) & (sub != SKIN)] = FAT
         sub[psoas <= 1.0] = MUSCLE
         ql = ((su - s32 * (half_w + np.float32(38 * sc))) / np.float32(17 * sc)) ** 2
@@ -512,7 +514,7 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     canvas.codes[...] = plane[..., None]  # the middle sub-sample's codes for all
 
 
-def table_z(table: "Profiles", zi: np.ndarray) -> np.ndarray:
+def table_z(table: Profiles, zi: np.ndarray) -> np.ndarray:
     """Height (mm) of Profiles indices."""
     return np.float32(table.z0) + zi.astype(np.float32) * np.float32(Z_STEP)
 
@@ -792,11 +794,19 @@ def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segmen
         r = ta * ta + (tw / tip) ** 2
         bone((r <= 1) & tu, (r <= 0.4) & tu)
     # Laminae: a roof behind the canal, from the pedicles' level down over the disc below.
-    a_roof = np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    a_roof = (
+        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    )
     lam_t = np.float32(5.0 * sc)
     slope = (np.float32(wp) - w) * np.float32(0.25)
     la = a - a_roof - slope
-    lam = (la >= 0) & (la <= lam_t) & (au <= canal_hw + ped_hw) & (w <= wp + 4) & (w >= -h / 2 - 9 * sc)
+    lam = (
+        (la >= 0)
+        & (la <= lam_t)
+        & (au <= canal_hw + ped_hw)
+        & (w <= wp + 4)
+        & (w >= -h / 2 - 9 * sc)
+    )
     bone(lam, lam & (la > 1.3) & (la < lam_t - 1.3))
     # Spinous process: a plate sloping down and back from the laminae's junction.
     sa = a - a_roof - lam_t + np.float32(1.0)
@@ -818,8 +828,9 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     dd = disc.depth / 2
     fu, fa, fw = side * (canal_hw + 4.5 * sc), dd + 0.72 * canal_ap, -1.5 * sc
     su, sa_, sw = 7.5 * sc, 7.0 * sc, 12.0 * sc
-    picked = _select(canvas, disc, (fu - su - 6, fu + su + 6), (dd - 2, fa + sa_ + 2),
-                   (fw - sw - 6, fw + sw + 6))
+    picked = _select(
+        canvas, disc, (fu - su - 6, fu + su + 6), (dd - 2, fa + sa_ + 2), (fw - sw - 6, fw + sw + 6)
+    )
     if picked is None:
         return
     box, index, u, a, w = picked
@@ -830,12 +841,16 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     s_canal = spine.severity_of("spinal_canal_stenosis", level) if level >= 0 else 0.0
     lf_t = np.float32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
     au = np.abs(u)
-    a_roof = np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    a_roof = (
+        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
+    )
     on_side = (u * np.float32(side)) >= 0
     lf = (a <= a_roof + 1) & (a >= a_roof - lf_t) & (au <= canal_hw) & on_side
     lf &= np.abs(w) <= np.float32(disc.height / 2 + 6 * sc)
     codes[lf] = LIGAMENT
-    rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + ((a - np.float32(fa)) / np.float32(sa_)) ** 2
+    rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + (
+        (a - np.float32(fa)) / np.float32(sa_)
+    ) ** 2
     rho = rho + ((w - np.float32(fw)) / np.float32(sw)) ** 2
     beta = float(spine.facet_angle[d - 1])
     nu, na = np.float32(side * np.cos(beta)), np.float32(-np.sin(beta))
@@ -855,11 +870,16 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     sc = spine.scale
     ru, ra, rw = spine.foramen_root(d, side)
     level = d - 2
-    s = spine.severity_of(f"{'left' if side > 0 else 'right'}_neural_foraminal_narrowing", level) if level >= 0 else 0.1  # noqa: E501
+    s = (
+        spine.severity_of(f"{'left' if side > 0 else 'right'}_neural_foraminal_narrowing", level)
+        if level >= 0
+        else 0.1
+    )  # noqa: E501
     front_back, up_down, flatten = (float(v) for v in findings.foraminal_fat(s))
     half_u = 7.0 * sc
-    picked = _select(canvas, disc, (ru - half_u, ru + half_u), (ra - 12, ra + 12),
-                   (rw - 24, rw + 12))
+    picked = _select(
+        canvas, disc, (ru - half_u, ru + half_u), (ra - 12, ra + 12), (rw - 24, rw + 12)
+    )
     if picked is None:
         return
     box, index, u, a, w = picked
@@ -868,7 +888,9 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     root_r = np.float32(2.6 * sc)
     # The opening the bones leave: a tall keyhole, wide at the root and narrow behind the disc.
     da, dw = a - np.float32(ra), w - np.float32(rw)
-    opening = (da / np.float32(7.5 * sc)) ** 2 + (dw / np.float32(np.where(True, 1, 1) * 11.0 * sc)) ** 2
+    opening = (da / np.float32(7.5 * sc)) ** 2 + (
+        dw / np.float32(np.where(True, 1, 1) * 11.0 * sc)
+    ) ** 2
     opening = np.where(dw < 0, (da / np.float32(6.0 * sc)) ** 2 + (dw / np.float32(17.0 * sc)) ** 2,
                        opening)  # fmt: skip
     codes[(opening <= 1.0) & slab] = LIGAMENT
@@ -900,8 +922,13 @@ def _paint_recess_and_root(canvas: Canvas, spine: Spine, d: int, side: float) ->
     reach = float(np.linalg.norm(to_root))
     direction = to_root / reach
     root_r = 1.7 * sc
-    picked = _select(canvas, disc, (min(rc[0], corner[0]) - 8, max(rc[0], corner[0]) + 8),
-                   (rc[1] - 6, corner[1] + 6), (-disc.height / 2 - 8, disc.height / 2 + 8))
+    picked = _select(
+        canvas,
+        disc,
+        (min(rc[0], corner[0]) - 8, max(rc[0], corner[0]) + 8),
+        (rc[1] - 6, corner[1] + 6),
+        (-disc.height / 2 - 8, disc.height / 2 + 8),
+    )
     if picked is None:
         return
     box, index, u, a, w = picked
@@ -911,7 +938,9 @@ def _paint_recess_and_root(canvas: Canvas, spine: Spine, d: int, side: float) ->
     across = np.abs(pu * np.float32(-direction[1]) + pa * np.float32(direction[0]))
     band = np.abs(w) <= np.float32(disc.height / 2 + 5 * sc)
     # The recess: CSF of the root sleeve with fat laterally.
-    recess = ((u - np.float32(rc[0])) / np.float32(4.0 * sc)) ** 2 + ((a - np.float32(rc[1])) / np.float32(3.2 * sc)) ** 2
+    recess = ((u - np.float32(rc[0])) / np.float32(4.0 * sc)) ** 2 + (
+        (a - np.float32(rc[1])) / np.float32(3.2 * sc)
+    ) ** 2
     recess = recess + (w / np.float32(disc.height / 2 + 5 * sc)) ** 2
     codes[recess <= 1.0] = CSF
     codes[(recess <= 1.0) & (along < reach - 2.5 * sc)] = FAT

@@ -708,8 +708,12 @@ def _synthesize_study(
             config.missing_coordinates_rate,
             _coordinates(
                 study_id,
-                _misplace(_quirk_rng(config, split, index, 6), config.coordinate_error_rate,
-                          body.finding_centres(), labels),
+                _misplace(
+                    _quirk_rng(config, split, index, 6),
+                    config.coordinate_error_rate,
+                    body.finding_centres(),
+                    labels,
+                ),
                 series,
                 labels,
             ),

@@ -147,9 +147,7 @@ def misgrade(rng: np.random.Generator, rate: float, labels: np.ndarray) -> np.nd
     flip = rng.random(labels.shape) < rate
     up = rng.random(labels.shape) < 0.5
     for k in np.flatnonzero(flip & (labels >= 0)):
-        if labels[k] == 0:
-            out[k] = 1
-        elif labels[k] == 2:
+        if labels[k] == 0 or labels[k] == 2:
             out[k] = 1
         else:
             out[k] = 2 if up[k] else 0

@@ -44,8 +44,14 @@ T1_AT_3T = {an.CSF: (1.0, 1.05), an.FAT: (1.25, 1.35)}
 DEFAULT_T1_AT_3T = (1.15, 1.35)
 T2_AT_3T = (0.85, 0.95)
 
-TEXTURE = {an.MARROW: 0.09, an.FAT: 0.03, an.MUSCLE: 0.06, an.BOWEL: 0.12, an.KIDNEY: 0.05,
-           an.VISCERA: 0.12}
+TEXTURE = {
+    an.MARROW: 0.09,
+    an.FAT: 0.03,
+    an.MUSCLE: 0.06,
+    an.BOWEL: 0.12,
+    an.KIDNEY: 0.05,
+    an.VISCERA: 0.12,
+}
 """Amplitude of each tissue's smooth random texture (others: DEFAULT_TEXTURE)."""
 DEFAULT_TEXTURE = 0.025
 
@@ -89,7 +95,9 @@ def draw_timing(rng: np.random.Generator, protocol: str, field_strength: float) 
     p = PROTOCOLS[protocol]
     ti = None
     if p.inversion_1p5t is not None:
-        ti = round(float(rng.uniform(*(p.inversion_1p5t if field_strength < 2 else p.inversion_3t))))
+        ti = round(
+            float(rng.uniform(*(p.inversion_1p5t if field_strength < 2 else p.inversion_3t)))
+        )
     return Timing(
         protocol=protocol,
         repetition_time=round(float(rng.uniform(*p.repetition))),
@@ -111,9 +119,7 @@ class TissueTable:
     texture: np.ndarray
 
 
-def draw_tissues(
-    rng: np.random.Generator, spine: an.Spine, field_strength: float
-) -> TissueTable:
+def draw_tissues(rng: np.random.Generator, spine: an.Spine, field_strength: float) -> TissueTable:
     """Per-study tissue parameters: uniform within each range, then the field's T1/T2 shift."""
     n = an.N_TISSUES
     t1, t2, pd = np.ones(n), np.ones(n), np.zeros(n)
