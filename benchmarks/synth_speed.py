@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/synth_speed.py [--studies 100] [--image-size 96] [--slices 15] [--workers 1]
     python benchmarks/synth_speed.py --profile competition [--studies 10] [--workers 1]
+    python benchmarks/synth_speed.py --phantom simple [--studies 100]  (the old phantom)
 
 Writes into a temporary folder that is removed afterwards and prints one line of figures. CPU
 time counts the worker processes too, so wall / CPU shows how well the workers were fed.
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes rendering studies")
     parser.add_argument("--profile", default=defaults.profile, help="size profile (PROFILES)")
+    parser.add_argument("--phantom", default=defaults.phantom, help="phantom (PHANTOMS)")
     args = parser.parse_args()
     config = SynthConfig(
         train_studies=args.studies,
@@ -37,6 +39,7 @@ def main() -> None:
         image_size=args.image_size,
         slices=args.slices,
         profile=args.profile,
+        phantom=args.phantom,
     )
     with tempfile.TemporaryDirectory(prefix="lsdc-synth-speed-") as tmp:
         out = Path(tmp) / "root"
@@ -51,7 +54,7 @@ def main() -> None:
         else f"profile {args.profile}"
     )
     print(
-        f"{args.studies} studies, {sizes}, "
+        f"{args.studies} studies, {sizes}, phantom {args.phantom}, "
         f"workers={args.workers}: "
         f"{seconds:.1f} s wall ({seconds / args.studies:.3f} s/study), {cpu:.1f} s CPU, "
         f"{files} DICOM files, "
