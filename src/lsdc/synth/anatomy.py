@@ -270,7 +270,7 @@ def draw_spine(
         if d_name in lumbar_discs:
             angle *= k_angle
         h = h * scale * rng.uniform(0.9, 1.1) * (1.0 - 0.3 * degeneration[DISCS.index(d_name)])
-        below, above = bodies.get(VERTEBRAE[VERTEBRAE.index(v_name) + 1]), None
+        below = bodies.get(VERTEBRAE[VERTEBRAE.index(v_name) + 1])
         depth = (below.depth if below else 34 * scale) * 0.97
         width = (below.width if below else 46 * scale) * 0.98
         discs[d_name], base, beta = make(d_name, base, beta, h, np.deg2rad(angle), depth, width)
@@ -278,7 +278,6 @@ def draw_spine(
         j = jitter[VERTEBRAE.index(v_name)]
         bodies[v_name], base, beta = make(v_name, base, beta, bh * scale * j, np.deg2rad(wedge),
                                           bd * scale * j, bw * scale * j)  # fmt: skip
-        del above
     ordered_bodies = [bodies[n] for n in VERTEBRAE]
     ordered_discs = [discs[n] for n in DISCS]
 
@@ -675,7 +674,6 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
     """Every structure of the spine, in painter's order: foramina (fat, root, narrowing), discs,
     bodies, pedicles, transverse processes, laminae, spinous processes, ligamentum flavum,
     facets, lateral recesses and the roots that leave the sac."""
-    sc = spine.scale
     for d in range(1, N_DISCS + 1):
         for side in (-1.0, 1.0):
             _paint_foramen(canvas, spine, d, side)
@@ -689,7 +687,6 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
         for side in (-1.0, 1.0):
             _paint_facet(canvas, spine, d, side)
             _paint_recess_and_root(canvas, spine, d, side)
-    del sc
 
 
 def _superellipse(u, a, hw, front, back):
@@ -862,6 +859,13 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     canvas.write(box, index, codes)
 
 
+def _side_severity(spine: Spine, family: str, level: int, side: float) -> float:
+    """Latent severity of a sided finding at ``level`` (0..4); 0.1 above L1/L2 (unlabelled)."""
+    if level < 0:
+        return 0.1
+    return spine.severity_of(f"{'left' if side > 0 else 'right'}_{family}", level)
+
+
 def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     """The foramen at disc ``d``: fat around the exiting root (DRG) in its upper part, lost
     front-back then up-down with the foraminal finding (lumbar levels only); what replaces the
@@ -870,11 +874,7 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     sc = spine.scale
     ru, ra, rw = spine.foramen_root(d, side)
     level = d - 2
-    s = (
-        spine.severity_of(f"{'left' if side > 0 else 'right'}_neural_foraminal_narrowing", level)
-        if level >= 0
-        else 0.1
-    )  # noqa: E501
+    s = _side_severity(spine, "neural_foraminal_narrowing", level, side)
     front_back, up_down, flatten = (float(v) for v in findings.foraminal_fat(s))
     half_u = 7.0 * sc
     picked = _select(
@@ -888,9 +888,7 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     root_r = np.float32(2.6 * sc)
     # The opening the bones leave: a tall keyhole, wide at the root and narrow behind the disc.
     da, dw = a - np.float32(ra), w - np.float32(rw)
-    opening = (da / np.float32(7.5 * sc)) ** 2 + (
-        dw / np.float32(np.where(True, 1, 1) * 11.0 * sc)
-    ) ** 2
+    opening = (da / np.float32(7.5 * sc)) ** 2 + (dw / np.float32(11.0 * sc)) ** 2
     opening = np.where(dw < 0, (da / np.float32(6.0 * sc)) ** 2 + (dw / np.float32(17.0 * sc)) ** 2,
                        opening)  # fmt: skip
     codes[(opening <= 1.0) & slab] = LIGAMENT
@@ -912,8 +910,7 @@ def _paint_recess_and_root(canvas: Canvas, spine: Spine, d: int, side: float) ->
     disc = spine.discs[d]
     sc = spine.scale
     level = d - 2
-    name = f"{'left' if side > 0 else 'right'}_subarticular_stenosis"
-    s = spine.severity_of(name, level) if level >= 0 else 0.1
+    s = _side_severity(spine, "subarticular_stenosis", level, side)
     fill, flatten = (float(v) for v in findings.recess_intrusion(s))
     canal_hw, canal_ap, _, _ = spine.level_posterior(d)
     rc = spine.recess(d, side)
