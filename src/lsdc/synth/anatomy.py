@@ -27,13 +27,6 @@ from lsdc.synth.canvas import Box, Canvas
 NUCLEUS = 15  # NUCLEUS + d for disc d (0 = T12/L1, 1..5 = L1/L2..L5/S1)
 N_DISCS = 6
 N_TISSUES = NUCLEUS + N_DISCS
-TISSUE_NAMES: dict[int, str] = {
-    AIR: "air", SKIN: "skin", FAT: "fat", MUSCLE: "muscle", CORTEX: "cortical bone",
-    MARROW: "marrow", ANNULUS: "annulus", CSF: "CSF", NERVE: "nerve roots", LIGAMENT: "ligament",
-    JOINT: "joint fluid", VESSEL: "vessel (flow void)", BOWEL: "bowel loop", KIDNEY: "kidney",
-    VISCERA: "abdominal viscera",
-    **{NUCLEUS + d: f"nucleus {d}" for d in range(N_DISCS)},
-}  # fmt: skip
 
 VERTEBRAE = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
 """Bodies of the chain, superior first; discs sit between neighbours down to L5/S1."""
@@ -363,14 +356,6 @@ def _draw_organs(
 
 
 # ------------------------------------------------------------------------------------- painting
-def _local(canvas: Canvas, box: Box, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x, y, z = canvas.points(box)
-    c, s = np.float32(np.cos(seg.alpha)), np.float32(np.sin(seg.alpha))
-    dy = y - np.float32(seg.centre[1])
-    dz = z - np.float32(seg.centre[2])
-    return x - np.float32(seg.centre[0]), dy * c + dz * s, dz * c - dy * s
-
-
 def _seg_box(canvas: Canvas, seg: Segment, u: tuple, a: tuple, w: tuple) -> Box | None:
     return canvas.box(*seg.box(u, a, w))
 
@@ -415,12 +400,11 @@ def _select(canvas: Canvas, seg: Segment, u_lim: tuple, a_lim: tuple, w_lim: tup
     return box, flat[chosen], u[chosen], a[chosen], w[chosen]
 
 
-def _canal_box(spine: Spine, half_u: float, a_range: tuple, z_range: tuple | None = None):
-    """Patient box around the canal line between z_range (default: the whole chain)."""
+def _canal_box(spine: Spine, half_u: float, a_range: tuple):
+    """Patient box around the canal line, ``half_u`` either side and ``a_range`` around it."""
     knots = spine.canal_knots
-    lo_z, hi_z = (knots[0, 0], knots[-1, 0]) if z_range is None else z_range
-    inside = (knots[:, 0] >= lo_z - 40) & (knots[:, 0] <= hi_z + 40)
-    ys = knots[inside, 1] if inside.any() else knots[:, 1]
+    lo_z, hi_z = knots[0, 0], knots[-1, 0]
+    ys = knots[:, 1]
     cx = spine.centre[0]
     reach = max(abs(a_range[0]), abs(a_range[1])) * 1.3
     return (np.array([cx - half_u, ys.min() - reach, lo_z - 5]),

@@ -100,12 +100,3 @@ class Canvas:
         keep = codes > 0
         flat[index[keep]] = codes[keep]
         self.codes[box] = block
-
-    def paint(self, box: Box, mask: np.ndarray, code: int) -> None:
-        """Set ``code`` where ``mask`` holds within ``box``."""
-        self.codes[box][mask] = code
-
-    def paint_codes(self, box: Box, codes: np.ndarray) -> None:
-        """Copy the non-zero entries of ``codes`` (a block-shaped code array) into ``box``."""
-        target = self.codes[box]
-        np.copyto(target, codes, where=codes > 0)
