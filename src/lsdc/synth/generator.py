@@ -687,7 +687,11 @@ def _synthesize_study(
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         pixels = _render_study(rng, body, series, config.profile)
     else:
-        body = anatomy.draw_spine(rng, severity, centre=table_position)
+        # The spine draws from a stream of its own and the main stream skips the simple
+        # phantom's draws, so both phantoms plan the same series for a seed (sizes, missing
+        # series, instance numbers): a comparison between them changes the images alone.
+        phantom.draw_anatomy(rng, severity, centre=table_position)
+        body = anatomy.draw_spine(_quirk_rng(config, split, index, 7), severity, table_position)
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         _assign_protocols(rng, series)
         pixels = _render_anatomical(rng, body, series, config, split, index)
@@ -723,7 +727,9 @@ def _synthesize_study(
 
 def _quirk_rng(config: SynthConfig, split: str, index: int, quirk: int) -> np.random.Generator:
     """A random stream of its own per (study, quirk): turning a quirk on or off, or changing its
-    rate, leaves every other draw of the study (and so every other byte) as it was."""
+    rate, leaves every other draw of the study (and so every other byte) as it was. Streams:
+    1 reversed storage, 2 missing coordinates, 3 motion ghosts, 4 wrap-around, 5 label errors,
+    6 coordinate errors, 7 the anatomical phantom's spine."""
     return np.random.default_rng([config.seed, SPLITS.index(split), index, quirk])
 
 
