@@ -61,16 +61,21 @@ def anatomical_image(spine, table, protocol: str, stack: Stack, rng) -> np.ndarr
     return render.render_stack(spine, signal, table, stack, None, nuisance, bias, texture, rng)[0]
 
 
+def crop(body, condition: str, protocol: str, tilt: float = 0.0) -> Stack:
+    """The view a radiologist grades ``condition`` at LEVEL on: 70 mm of the mid-sagittal, 50 mm
+    of the parasagittal through the foramen, or 60 mm of the axial at the disc."""
+    if protocol == "sagittal_t2":
+        return stack_at(body.finding_centre(condition, LEVEL), SAGITTAL, 70.0)
+    if protocol == "sagittal_t1":
+        return stack_at(body.finding_centre(condition, LEVEL), SAGITTAL, 50.0)
+    centre = body.finding_centre("spinal_canal_stenosis", LEVEL) + [0, -4, 0]
+    return stack_at(centre, AXIAL, 60.0, tilt=tilt)
+
+
 def simple_image(severity: np.ndarray, sequence: str, where: str, protocol: str, rng):
     """The simple phantom's image of the same view (its own anatomy, same severity)."""
     body = phantom.draw_anatomy(np.random.default_rng(5), severity)
-    centre = body.finding_centre(where, LEVEL)
-    if protocol == "sagittal_t2":
-        stack = stack_at(centre, SAGITTAL, 70.0)
-    elif protocol == "sagittal_t1":
-        stack = stack_at(centre, SAGITTAL, 50.0)
-    else:
-        stack = stack_at(body.finding_centre("spinal_canal_stenosis", LEVEL), AXIAL, 60.0)
+    stack = crop(body, where, protocol)
     lower, upper = phantom.spine_region(body)
     layered = phantom.LayeredPhantom(body, lower, upper)
     table = phantom.tissue_signal(rng, body)[sequence]
@@ -117,14 +122,7 @@ def main() -> None:
             severity = base.copy()
             severity[k] = s
             sp = anatomy.draw_spine(np.random.default_rng(args.seed), severity)
-            centre = sp.finding_centre(condition, LEVEL)
-            if protocol == "sagittal_t2":
-                stack = stack_at(centre, SAGITTAL, 70.0)
-            elif protocol == "sagittal_t1":
-                stack = stack_at(centre, SAGITTAL, 50.0)
-            else:
-                stack = stack_at(sp.finding_centre("spinal_canal_stenosis", LEVEL) + [0, -4, 0],
-                                 AXIAL, 60.0, tilt=tilt)  # fmt: skip
+            stack = crop(sp, condition, protocol, tilt)
             images.append(
                 (s, anatomical_image(sp, table, protocol, stack, np.random.default_rng(9)))
             )
