@@ -322,18 +322,19 @@ def predict_dicom(
         readings = _readings(
             result.submission, report, roles, series, by_id, runs, out_dir, cache_dir
         )
-        written = write_readings(Path(tmp) / READINGS_NAME, readings)
         submission = result.submission.assign(
             row_id=rename_row_ids(result.submission["row_id"], by_id)
         )
         report["study_id"] = [by_id[int(s)] for s in report["study_id"]]
-        for name in (LAYOUT_NAME, READINGS_NAME):
-            final = out_dir / name
-            if final.is_symlink() or final.is_file():
-                final.unlink()
-            elif final.exists():
-                shutil.rmtree(final)
-            os.replace(Path(tmp) / name, final)
+        final = out_dir / LAYOUT_NAME
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        elif final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        written = write_readings(out_dir / READINGS_NAME, readings)
+        for stale in set((out_dir / READINGS_NAME).glob("*.md")) - set(written):
+            stale.unlink()  # a study of an earlier run; its lsdc show page stays
         roles_path = write_csv_atomic(roles, out_dir / ROLES_NAME)
         report_path = write_csv_atomic(report, out_dir / REPORT_NAME)
         write_csv_atomic(submission, out_path)
@@ -342,7 +343,7 @@ def predict_dicom(
         roles=roles,
         roles_path=roles_path,
         layout=out_dir / LAYOUT_NAME,
-        readings=[out_dir / READINGS_NAME / p.name for p in written],
+        readings=written,
         scan=scan,
         names=by_id,
     )
