@@ -252,3 +252,56 @@ def test_cli_dicom_flow_and_flags_of_the_other_source(pacs, tiny_run, tmp_path, 
         f"{empty}: no DICOM image found (0 DICOM images; skipped 1 not_dicom)"
         in capsys.readouterr().err
     )
+
+
+# ------------------------------------------------------------------ lsdc synth --pacs (item 4)
+@pytest.fixture(scope="module")
+def synth_pacs_root(tmp_path_factory) -> Path:
+    """``synth_root``'s config, with its test studies also written as a PACS export."""
+    from conftest import TINY_SYNTH
+
+    from lsdc.synth.config import SynthConfig
+    from lsdc.synth.generator import synthesize
+
+    config = SynthConfig(**TINY_SYNTH, pacs="by-series")
+    return synthesize(tmp_path_factory.mktemp("synth_pacs") / "root", config, progress=False)
+
+
+def test_synth_pacs_export_predicts_as_its_competition_copy(
+    synth_pacs_root, synth_root, tiny_two_stage_run, tmp_path
+) -> None:
+    from lsdc.synth.pacs import PACS_DIR, STUDY_IDS_NAME
+
+    competition = sorted(p.relative_to(synth_root) for p in synth_root.rglob("*") if p.is_file())
+    assert competition == sorted(
+        p.relative_to(synth_pacs_root)
+        for p in synth_pacs_root.rglob("*")
+        if p.is_file() and PACS_DIR not in p.parts and p.name != STUDY_IDS_NAME
+    )
+    for rel in competition:  # --pacs adds a copy; the competition files are the same bytes
+        assert (synth_root / rel).read_bytes() == (synth_pacs_root / rel).read_bytes(), rel
+    pacs = synth_pacs_root / PACS_DIR
+    assert {p.name for p in pacs.iterdir() if p.is_file()} == {"DICOMDIR", "README.TXT"}
+    assert all(p.parent.name.startswith("S") for p in pacs.rglob("I*"))
+
+    result = predict_dicom(
+        pacs, [tiny_two_stage_run], tmp_path / "dicom" / "submission.csv",
+        study_names=synth_pacs_root / STUDY_IDS_NAME, progress=False,
+    )  # fmt: skip
+    expected = predict_split(synth_root, [tiny_two_stage_run], tmp_path / "c.csv", progress=False)
+    got, want = _sorted(result.predict.submission), _sorted(expected.submission)
+    assert list(got.index) == list(want.index)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=1e-6)
+
+    roles = result.roles
+    listed = load_series_descriptions(synth_root / "test_series_descriptions.csv")
+    used = roles[roles["used"].astype(bool)]
+    assert sorted(zip(used["study"], used["role"], strict=True)) == sorted(
+        (str(r.study_id), r.series_description) for r in listed.itertuples()
+    )
+    assert used["repetition_time"].notna().all() and used["echo_time"].notna().all()
+    assert (used["weighting"] != "unknown").all() and "description" not in " ".join(used["why"])
+    other = roles[roles["role"] == "other"]
+    assert sorted(other["orientation"]) == ["coronal", "coronal", "mixed", "mixed"]
+    repeats = roles[roles["why"].str.startswith("rejected for Sagittal T2/STIR", na=False)]
+    assert repeats["why"].str.contains("more images").all() and len(repeats) >= 1

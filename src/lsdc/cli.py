@@ -57,7 +57,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ synth
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    from lsdc.synth.config import PROFILES, REALISM_RATES, SynthConfig
+    from lsdc.synth.config import PACS_LAYOUTS, PROFILES, REALISM_RATES, SynthConfig
 
     defaults = SynthConfig()
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
@@ -76,6 +76,14 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slices", type=int, default=defaults.slices, help="sagittal slices per series")
     p.add_argument(
         "--axial-slices", type=int, default=None, help="Axial T2 slices per study (2 x --slices)"
+    )
+    p.add_argument(
+        "--pacs",
+        choices=list(PACS_LAYOUTS),
+        default=defaults.pacs,
+        help="also write the test studies as a PACS export (DIR/test_pacs, extra series, vendor "
+        "descriptions, sequence tags; DIR/test_pacs_study_ids.csv for lsdc predict --dicom "
+        "--study-id): " + "; ".join(f"{k}: {v}" for k, v in PACS_LAYOUTS.items()),
     )
     p.add_argument(
         "--no-realism", action="store_true", help="turn every realism switch off (rates below = 0)"
@@ -108,6 +116,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         slices=args.slices,
         axial_slices=args.axial_slices,
         profile=args.profile,
+        pacs=args.pacs,
         **{name: getattr(args, name) for name in REALISM_RATES},
     )
     if args.no_realism:

@@ -548,6 +548,13 @@ def _synthesize_study(
         _write_series(
             image_root / str(study_id) / str(s.series_id), study_id, s, p, config.seed, number
         )
+    if config.pacs != "none" and split == "test":
+        from lsdc.synth import pacs
+
+        pacs.export_study(
+            image_root.parent / pacs.PACS_DIR, image_root / str(study_id), study_id, anatomy,
+            series, config, _quirk_rng(config, split, index, 3),
+        )  # fmt: skip
     return StudyRecord(
         study_id=study_id,
         labels=labels,
@@ -773,4 +780,8 @@ def synthesize(
         sample[column] = 1.0 / 3.0
     write_csv_atomic(sample, out / "sample_submission.csv")
     write_csv_atomic(labels_to_solution(_labels_frame(test)), out / "solution_test.csv")
+    if config.pacs != "none":
+        from lsdc.synth import pacs
+
+        pacs.finish_export(out, [r.study_id for r in test], config.seed)
     return out
