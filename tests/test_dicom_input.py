@@ -47,7 +47,7 @@ def export_as_pacs(root: Path, split: str, out: Path, nested: bool) -> Path:
     in its pixels.
     """
     listed = load_series_descriptions(root / f"{split}_series_descriptions.csv")
-    names = {}
+    names, own_files = {}, []
     for k, (study_id, rows) in enumerate(listed.groupby("study_id")):
         study_uid = None
         for number, r in enumerate(rows.sort_values("series_id").itertuples(), start=2):
@@ -64,6 +64,7 @@ def export_as_pacs(root: Path, split: str, out: Path, nested: bool) -> Path:
                 for key, value in TAGS[r.series_description].items():
                     setattr(ds, key, value)
                 ds.save_as(target / ds.SOPInstanceUID, enforce_file_format=True)
+                own_files.append(target / ds.SOPInstanceUID)
             if r.series_description == "Sagittal T2/STIR":
                 files = sorted(folder.iterdir(), key=lambda p: int(p.stem))[1:-1]
                 repeat_uid = generate_uid()
@@ -85,9 +86,13 @@ def export_as_pacs(root: Path, split: str, out: Path, nested: bool) -> Path:
         write_series(extras / "cor", study_uid, "COR T2 TSE", CORONAL, number=80, tags=T2_TAGS)
     shutil.copy(next(out.rglob("*.dcm")), out / "DICOMDIR")  # a name the scan skips unread
     (out / "README.TXT").write_text("PACS export\n")
-    first = next(p for p in sorted(out.rglob("*")) if p.is_file() and "extra" not in str(p))
+    first = own_files[0]
     (out / "cut_header").write_bytes(first.read_bytes()[:200])
     (out / "cut_pixels").write_bytes(first.read_bytes()[:-100])
+    ds = pydicom.dcmread(first)  # whole file, but fewer pixels than its matrix: found on decoding
+    ds.PixelData = ds.PixelData[:-100]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out / "short_pixels", enforce_file_format=True)
     mapping = out.parent / f"{out.name}_study_ids.csv"
     pd.DataFrame({"StudyInstanceUID": list(names), "study_id": list(names.values())}).to_csv(
         mapping, index=False
@@ -138,12 +143,12 @@ def test_role_table_of_a_pacs_folder(pacs, synth_root, tiny_run, tmp_path) -> No
     roles = pd.read_csv(tmp_path / "out" / ROLES_NAME, dtype=str, keep_default_na=False)
     listed = load_series_descriptions(synth_root / "test_series_descriptions.csv")
     used = roles[roles["used"] == "True"]
-    # every listed series, and nothing else, is used, in its own role
-    assert sorted(zip(used["study"], used["role"], used["n_images"], strict=True)) == sorted(
-        (str(r.study_id), r.series_description, str(len(list(
-            (synth_root / "test_images" / str(r.study_id) / str(r.series_id)).iterdir()))))
-        for r in listed.itertuples()
-    )  # fmt: skip
+    # every listed series, and nothing else, is used, in its own role (one with short_pixels)
+    assert sorted(zip(used["study"], used["role"], strict=True)) == sorted(
+        (str(r.study_id), r.series_description) for r in listed.itertuples()
+    )
+    n_files = len(list((synth_root / "test_images").rglob("*.dcm")))
+    assert used["n_images"].astype(int).sum() == n_files + 1
     other = roles[roles["role"] == "other"]
     assert set(other["series_description"]) == {"3-Plane Loc", "COR T2 TSE"}
     assert other["why"].str.contains("a localizer|coronal T2: no model reads it").all()
@@ -161,8 +166,9 @@ def test_role_table_of_a_pacs_folder(pacs, synth_root, tiny_run, tmp_path) -> No
     reading = (tmp_path / "out" / "readings" / f"{study[0]}.md").read_text()
     assert "**Not read**: spinal canal at every level (no Sagittal T2/STIR series)." in reading
     assert "| L1/L2 | not read |" in reading
-    # the cut image is named by its own path in the report, not by the layout's link
+    # the image with too few pixels is named by its own path in the report, not by its link
     messages = " ".join(report["message"])
+    assert f"{folder / 'short_pixels'}: skipped: pixel data cannot be decoded" in messages
     assert LAYOUT_NAME not in messages
     assert (tmp_path / "out" / LAYOUT_NAME / "test_series_descriptions.csv").is_file()
 
