@@ -51,6 +51,7 @@ from lsdc.inference.reading import StudyReading, series_read_lines, write_readin
 from lsdc.preprocessing.series_roles import (
     OTHER,
     ROLE_TABLE_COLUMNS,
+    SERIES_COLUMNS,
     FolderScan,
     SeriesInfo,
     choose_series,
@@ -411,22 +412,7 @@ def _date(value: str) -> str:
 
 
 # ------------------------------------------------------------------------- competition layout
-CHECK_COLUMNS = [
-    "study_id",
-    "series_id",
-    "csv_description",
-    "series_number",
-    "series_description",
-    "orientation",
-    "weighting",
-    "repetition_time",
-    "echo_time",
-    "inversion_time",
-    "scanning_sequence",
-    "n_images",
-    "role",
-    "agrees",
-]
+CHECK_COLUMNS = ["study_id", "series_id", "csv_description", *SERIES_COLUMNS, "agrees"]
 """series_roles.csv of ``--data ... --check-descriptions``: one row per listed series, its CSV
 description beside the role its headers give (``agrees``: yes, no, or ``undecided`` where the
 folder gave no image header)."""

@@ -636,9 +636,7 @@ def choose_series(series: Sequence[SeriesInfo]) -> list[RoleChoice]:
     return choices
 
 
-ROLE_TABLE_COLUMNS = [
-    "study_instance_uid",
-    "series_instance_uid",
+SERIES_COLUMNS = [
     "series_number",
     "series_description",
     "orientation",
@@ -649,6 +647,13 @@ ROLE_TABLE_COLUMNS = [
     "scanning_sequence",
     "n_images",
     "role",
+]
+"""What the headers say of a series, and the role they give it (:func:`series_row`)."""
+
+ROLE_TABLE_COLUMNS = [
+    "study_instance_uid",
+    "series_instance_uid",
+    *SERIES_COLUMNS,
     "used",
     "why",
     "rejected",
@@ -657,7 +662,7 @@ ROLE_TABLE_COLUMNS = [
 
 
 def series_row(series: SeriesInfo) -> dict[str, object]:
-    """The header columns of ROLE_TABLE_COLUMNS for one series, and its role."""
+    """The two UIDs and the SERIES_COLUMNS of one series."""
     return {
         "study_instance_uid": series.study_uid,
         "series_instance_uid": series.series_uid,
