@@ -193,6 +193,16 @@ def test_one_series_per_sagittal_role_by_the_stated_rule_every_axial_kept(tmp_pa
     )
 
 
+def test_a_copy_of_an_image_is_left_out_and_counted(tmp_path) -> None:
+    write_series(tmp_path / "a", "1.1", "SAG T1", tags=T1_TAGS)
+    (tmp_path / "copy").mkdir()
+    for path in sorted((tmp_path / "a").iterdir())[:2]:
+        shutil.copy(path, tmp_path / "copy" / path.name)
+    (series,) = group_series(scan_folder(tmp_path).images)
+    assert series.n_images == 6
+    assert series.reason.endswith("; 2 copies of its files (same SOPInstanceUID) left out")
+
+
 def test_a_missing_role_has_its_row_in_the_table(tmp_path) -> None:
     write_series(tmp_path / "t1", "9.9", "SAG T1", tags=T1_TAGS)
     table = role_table(group_series(scan_folder(tmp_path).images))

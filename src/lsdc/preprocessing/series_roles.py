@@ -101,6 +101,7 @@ HEADER_TAGS: tuple[str, ...] = (
     "MagneticFieldStrength",
     "NumberOfFrames",
     "SOPClassUID",
+    "SOPInstanceUID",
 )
 """The only tags read from each file."""
 
@@ -116,6 +117,7 @@ class ImageHeader:
     path: Path
     study_uid: str
     series_uid: str
+    sop_uid: str
     modality: str
     series_number: int | None
     description: str
@@ -228,6 +230,7 @@ def read_header(path: Path) -> ImageHeader | tuple[str, str]:
                 path=path,
                 study_uid=study_uid,
                 series_uid=series_uid,
+                sop_uid=_text(ds, "SOPInstanceUID"),
                 modality=_text(ds, "Modality").upper(),
                 series_number=_int(ds, "SeriesNumber"),
                 description=_text(ds, "SeriesDescription"),
@@ -564,11 +567,24 @@ def _sequence_text(tr: float | None, te: float | None, ti: float | None) -> str:
 
 def group_series(images: Iterable[ImageHeader]) -> list[SeriesInfo]:
     """One :class:`SeriesInfo` per (StudyInstanceUID, SeriesInstanceUID), classified, sorted by
-    study, then SeriesNumber."""
-    groups: dict[tuple[str, str], list[ImageHeader]] = {}
-    for header in images:
-        groups.setdefault((header.study_uid, header.series_uid), []).append(header)
-    series = [describe_series(members) for members in groups.values()]
+    study, then SeriesNumber. A file whose SOPInstanceUID an earlier file (in path order) of its
+    series has is a copy (exports often hold one image twice) and is left out, its series'
+    reason saying how many."""
+    groups: dict[tuple[str, str], dict[str, ImageHeader]] = {}
+    copies: dict[tuple[str, str], int] = {}
+    for header in sorted(images, key=lambda h: h.path):
+        key = (header.study_uid, header.series_uid)
+        members = groups.setdefault(key, {})
+        if header.sop_uid and header.sop_uid in members:
+            copies[key] = copies.get(key, 0) + 1
+        else:
+            members[header.sop_uid or str(header.path)] = header
+    series = []
+    for key, members in groups.items():
+        info = describe_series(list(members.values()))
+        if copies.get(key):
+            info.reason += f"; {copies[key]} copies of its files (same SOPInstanceUID) left out"
+        series.append(info)
     return sorted(series, key=lambda s: (s.study_uid, _number(s), s.series_uid))
 
 
