@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from lsdc.config import TrainConfig
+    from lsdc.inference.dicom_input import DicomPredictResult
     from lsdc.inference.export import ExportResult
     from lsdc.inference.predict import PredictResult
     from lsdc.synth.config import SynthConfig
@@ -144,11 +145,14 @@ def predict(
     device: str | None = None,
     progress: bool = True,
     allow_fallback: bool = False,
+    check_descriptions: bool = False,
 ) -> PredictResult:
     """Write a submission for ``split`` from one or more runs, and ``predict_report.csv``
     beside it; returns both as frames with their paths. A fold that cannot load, folds of
     different configs, a missing device, a bad worker count or an unusable cache are refused,
-    unless ``allow_fallback`` gives the studies concerned the class prior instead."""
+    unless ``allow_fallback`` gives the studies concerned the class prior instead. With
+    ``check_descriptions``, each listed series' description is compared with the role its DICOM
+    headers give (a warning per disagreement, ``series_roles.csv`` beside the submission)."""
     from lsdc.inference.predict import predict_split
 
     return predict_split(
@@ -163,7 +167,53 @@ def predict(
         device=device,
         progress=progress,
         allow_fallback=allow_fallback,
+        check_descriptions=check_descriptions,
     )
 
 
-__all__ = ["evaluate", "export", "predict", "preprocess", "show", "synthesize", "train"]
+def predict_dicom(
+    dicom_dir: str | Path,
+    run_dirs: Sequence[str | Path],
+    out_path: str | Path = "submission.csv",
+    study_ids: str | Path | None = None,
+    tta_flip: bool = False,
+    calibrate: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+    allow_fallback: bool = False,
+) -> DicomPredictResult:
+    """Predict every study of any folder tree of DICOM files (a PACS export, a CD): series are
+    given their roles from their headers, rows use each study's StudyInstanceUID (or the id a
+    ``study_ids`` CSV maps it to: columns StudyInstanceUID, study_id). Writes the submission,
+    ``predict_report.csv``, ``series_roles.csv``, ``readings/{study}.md`` and
+    ``competition_layout/`` (the chosen series as a competition root, for ``lsdc show``) beside
+    ``out_path``; the other arguments are :func:`predict`'s."""
+    from lsdc.inference.dicom_input import predict_dicom as _predict_dicom
+
+    return _predict_dicom(
+        dicom_dir,
+        [Path(r) for r in run_dirs],
+        out_path,
+        study_names=study_ids,
+        tta_flip=tta_flip,
+        calibrate=calibrate,
+        cache_dir=cache_dir,
+        workers=workers,
+        device=device,
+        progress=progress,
+        allow_fallback=allow_fallback,
+    )
+
+
+__all__ = [
+    "evaluate",
+    "export",
+    "predict",
+    "predict_dicom",
+    "preprocess",
+    "show",
+    "synthesize",
+    "train",
+]

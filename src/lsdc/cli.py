@@ -57,7 +57,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ synth
 def _add_synth(p: argparse.ArgumentParser) -> None:
-    from lsdc.synth.config import PHANTOMS, PROFILES, REALISM_RATES, SynthConfig
+    from lsdc.synth.config import PACS_LAYOUTS, PHANTOMS, PROFILES, REALISM_RATES, SynthConfig
 
     defaults = SynthConfig()
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
@@ -82,6 +82,14 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slices", type=int, default=defaults.slices, help="sagittal slices per series")
     p.add_argument(
         "--axial-slices", type=int, default=None, help="Axial T2 slices per study (2 x --slices)"
+    )
+    p.add_argument(
+        "--pacs",
+        choices=list(PACS_LAYOUTS),
+        default=defaults.pacs,
+        help="also write the test studies as a PACS export (DIR/test_pacs, extra series, vendor "
+        "descriptions, sequence tags; DIR/test_pacs_study_ids.csv for lsdc predict --dicom "
+        "--study-id): " + "; ".join(f"{k}: {v}" for k, v in PACS_LAYOUTS.items()),
     )
     p.add_argument(
         "--no-realism", action="store_true", help="turn every realism switch off (rates below = 0)"
@@ -115,6 +123,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         axial_slices=args.axial_slices,
         profile=args.profile,
         phantom=args.phantom,
+        pacs=args.pacs,
         **{name: getattr(args, name) for name in REALISM_RATES},
     )
     if args.no_realism:
@@ -304,13 +313,21 @@ def _run_show(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- predict
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--data",
-        required=True,
         type=Path,
         metavar="ROOT",
         help="competition root holding {split}_series_descriptions.csv and {split}_images/ "
         "(read only; the Kaggle input folder works as is)",
+    )
+    source.add_argument(
+        "--dicom",
+        type=Path,
+        metavar="DIR",
+        help="any folder tree of DICOM files (a PACS export, files named anything): series get "
+        "their roles from their headers (series_roles.csv), rows use each StudyInstanceUID "
+        "(or --study-id), and readings/{study}.md and competition_layout/ go beside --out",
     )
     p.add_argument(
         "--run",
@@ -324,8 +341,21 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split",
         choices=SPLITS[::-1],
-        default="test",
-        help="whose series CSV and images to predict (sample_submission.csv orders the test split)",
+        help="with --data: whose series CSV and images to predict (default test; "
+        "sample_submission.csv orders the test split)",
+    )
+    p.add_argument(
+        "--study-id",
+        type=Path,
+        metavar="CSV",
+        help="with --dicom: columns StudyInstanceUID, study_id: the id each study's rows use "
+        "(letters, digits, dots, dashes); default the StudyInstanceUID",
+    )
+    p.add_argument(
+        "--check-descriptions",
+        action="store_true",
+        help="with --data: compare each series' CSV description with the role its DICOM headers "
+        "give; warn where they disagree and write series_roles.csv beside --out",
     )
     p.add_argument(
         "--tta",
@@ -360,19 +390,35 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    result = api.predict(
-        args.data,
-        args.run,
-        args.out,
-        split=args.split,
-        tta_flip=args.tta == "flip",
-        calibrate=not args.no_calibration,
-        cache_dir=args.cache,
-        workers=args.workers,
-        device=args.device,
-        progress=not args.quiet,
-        allow_fallback=args.allow_fallback,
-    )
+    shared = {
+        "tta_flip": args.tta == "flip",
+        "calibrate": not args.no_calibration,
+        "cache_dir": args.cache,
+        "workers": args.workers,
+        "device": args.device,
+        "progress": not args.quiet,
+        "allow_fallback": args.allow_fallback,
+    }
+    if args.dicom is not None:
+        for flag, given in (
+            ("--split", args.split),
+            ("--check-descriptions", args.check_descriptions),
+        ):
+            if given:
+                raise UserError(f"{flag} goes with --data (a competition root), not --dicom")
+        dicom = api.predict_dicom(args.dicom, args.run, args.out, study_ids=args.study_id, **shared)
+        result = dicom.predict
+    else:
+        if args.study_id is not None:
+            raise UserError("--study-id goes with --dicom; a competition root has its study ids")
+        result = api.predict(
+            args.data,
+            args.run,
+            args.out,
+            split=args.split or "test",
+            check_descriptions=args.check_descriptions,
+            **shared,
+        )
     counts = result.report["source"].value_counts()
     summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("model", "model_partial", "prior"))
     n_studies = len(result.submission) // N_LABELS
@@ -381,6 +427,15 @@ def _run_predict(args: argparse.Namespace) -> int:
         f"{result.submission_path}: {len(result.submission)} rows, {n_studies} studies ({summary})"
         + (f"; {unlisted} study folder(s) in neither CSV, not predicted" if unlisted else "")
     )
+    if args.dicom is not None:
+        roles = dicom.roles
+        missing = roles[roles["series_instance_uid"] == ""]
+        print(
+            f"{dicom.roles_path}: {int(roles['used'].sum())} series used of "
+            f"{int((roles['series_instance_uid'] != '').sum())}; "
+            f"{len(missing)} role(s) missing in {missing['study'].nunique()} studies; "
+            f"readings: {dicom.readings[0].parent if dicom.readings else '-'}"
+        )
     print(
         f"{result.n_prior} of {n_studies} studies got the class prior; report: {result.report_path}"
     )

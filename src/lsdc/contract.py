@@ -136,6 +136,40 @@ def all_row_ids(study_ids: Iterable[int | str]) -> list[str]:
     return [rid for sid in study_ids for rid in study_row_ids(sid)]
 
 
+_STUDY_NAME_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
+)
+
+
+def check_study_name(name: object) -> str:
+    """A study's own id as the study part of its row ids: a StudyInstanceUID (digits and dots)
+    or a name a user maps it to. Letters, digits, dots and dashes only: the underscore separates
+    the row id's parts, and a comma, quote or space would need quoting in the CSV.
+
+    Raises:
+        ValueError: an empty name or one with another character.
+    """
+    text = str(name).strip()
+    if not text or not set(text) <= _STUDY_NAME_CHARACTERS:
+        raise ValueError(
+            f"study id {name!r}: use letters, digits, dots and dashes only (no underscore, "
+            "space or comma: it becomes the first part of every row_id)"
+        )
+    return text
+
+
+def rename_row_ids(row_ids: Iterable[str], names: dict[int, str]) -> list[str]:
+    """Row ids keyed by integer study ids (``{study_id}_{condition}_{level}``) -> the same rows
+    keyed by each study's own id (``names[study_id]``, checked by :func:`check_study_name`): the
+    submission of studies from any DICOM folder, whose ids are not integers."""
+    checked = {int(k): check_study_name(v) for k, v in names.items()}
+    out = []
+    for row_id in row_ids:
+        study_id, condition, level = parse_row_id(row_id)
+        out.append(f"{checked[study_id]}_{condition}_{level}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # CSV loaders
 

@@ -322,6 +322,7 @@ def predict_split(
     progress: bool = True,
     allow_fallback: bool = False,
     predict_fn: PredictRunFn | None = None,
+    check_descriptions: bool = False,
 ) -> PredictResult:
     """Write ``out_path`` (the submission) and ``predict_report.csv`` beside it.
 
@@ -341,6 +342,9 @@ def predict_split(
             crashes), give the studies concerned the class prior, with a warning and a report
             line, instead of refusing.
         predict_fn: stand-in for ``lsdc.inference.runs.predict_run`` (tests).
+        check_descriptions: also compare each listed series' description with the role its
+            DICOM headers give, warn where they disagree and write ``series_roles.csv``
+            beside the submission (:func:`lsdc.inference.dicom_input.check_descriptions`).
 
     Raises:
         UserError: a run folder is unusable, neither CSV lists a study, ``out_path`` cannot be
@@ -373,6 +377,11 @@ def predict_split(
             for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
     row_ids, series = list_studies(data_root, split)
     study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
+    if check_descriptions:
+        from lsdc.inference.dicom_input import ROLES_NAME
+        from lsdc.inference.dicom_input import check_descriptions as check
+
+        write_csv_atomic(check(data_root, split), out_path.parent / ROLES_NAME)
 
     with tempfile.TemporaryDirectory(prefix="lsdc-predict-") as tmp:
         cache = Path(cache_dir) if cache_dir is not None else Path(tmp) / "cache"

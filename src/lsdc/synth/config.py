@@ -42,6 +42,13 @@ PROFILES: dict[str, str] = {
 }
 """Size profiles of ``lsdc synth --profile``; docs/synthetic.md describes the competition one."""
 
+PACS_LAYOUTS: dict[str, str] = {
+    "none": "no PACS copy",
+    "flat": "test_pacs/{SOPInstanceUID}, every file in one folder",
+    "by-series": "test_pacs/{study_id}/S{SeriesNumber:03d}/I{n:04d}, nested by series number",
+}
+"""Values of ``lsdc synth --pacs`` (:mod:`lsdc.synth.pacs` writes the copy)."""
+
 
 @dataclass
 class SynthConfig:
@@ -61,6 +68,8 @@ class SynthConfig:
         profile: a key of PROFILES. ``competition`` draws every size per study (matrix, pixel
             spacing, slice counts), so ``image_size``, ``slices`` and ``axial_slices`` must stay
             at their defaults there.
+        pacs: a key of PACS_LAYOUTS: besides ``test_images/``, write the
+            test studies as a PACS export in that layout (``none``: not at all).
     """
 
     train_studies: int = 8
@@ -86,6 +95,7 @@ class SynthConfig:
     wrap_rate: float = 0.05
     profile: str = "default"
     phantom: str = "anatomical"
+    pacs: str = "none"
 
     def without_realism(self) -> SynthConfig:
         """The same config with every realism switch off (clean, regular series)."""
@@ -102,6 +112,8 @@ class SynthConfig:
             raise UserError(f"--phantom must be one of {list(PHANTOMS)}, got {self.phantom!r}")
         if self.profile not in PROFILES:
             raise UserError(f"--profile must be one of {list(PROFILES)}, got {self.profile!r}")
+        if self.pacs not in PACS_LAYOUTS:
+            raise UserError(f"--pacs must be one of {list(PACS_LAYOUTS)}, got {self.pacs!r}")
         if self.profile != "default":
             fixed = [
                 f"--{f.name.replace('_', '-')}"

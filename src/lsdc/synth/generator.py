@@ -683,14 +683,14 @@ def _synthesize_study(
     table_position = np.array([rng.uniform(-15, 15), rng.uniform(-30, 30), rng.uniform(-150, 150)])
     most_series = 5 if config.profile == "competition" else 4  # axial T2 in up to 3 or 2 series
     if config.phantom == "simple":
-        body = phantom.draw_anatomy(rng, severity, centre=table_position)
+        body = simple_body = phantom.draw_anatomy(rng, severity, centre=table_position)
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         pixels = _render_study(rng, body, series, config.profile)
     else:
         # The spine draws from a stream of its own and the main stream skips the simple
         # phantom's draws, so both phantoms plan the same series for a seed (sizes, missing
         # series, instance numbers): a comparison between them changes the images alone.
-        phantom.draw_anatomy(rng, severity, centre=table_position)
+        simple_body = phantom.draw_anatomy(rng, severity, centre=table_position)
         body = anatomy.draw_spine(_quirk_rng(config, split, index, 7), severity, table_position)
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         _assign_protocols(rng, series)
@@ -702,6 +702,15 @@ def _synthesize_study(
         _write_series(
             image_root / str(study_id) / str(s.series_id), study_id, s, p, config.seed, number
         )
+    if config.pacs != "none" and split == "test":
+        from lsdc.synth import pacs
+
+        # The PACS extras (localizer, coronal T2) are still rendered by the simple phantom,
+        # from the simple anatomy the main stream drew: not yet from the anatomical one.
+        pacs.export_study(
+            image_root.parent / pacs.PACS_DIR, image_root / str(study_id), study_id, simple_body,
+            series, config, _quirk_rng(config, split, index, 8),
+        )  # fmt: skip
     return StudyRecord(
         study_id=study_id,
         labels=labels,
@@ -729,7 +738,7 @@ def _quirk_rng(config: SynthConfig, split: str, index: int, quirk: int) -> np.ra
     """A random stream of its own per (study, quirk): turning a quirk on or off, or changing its
     rate, leaves every other draw of the study (and so every other byte) as it was. Streams:
     1 reversed storage, 2 missing coordinates, 3 motion ghosts, 4 wrap-around, 5 label errors,
-    6 coordinate errors, 7 the anatomical phantom's spine."""
+    6 coordinate errors, 7 the anatomical phantom's spine, 8 the PACS export's extras."""
     return np.random.default_rng([config.seed, SPLITS.index(split), index, quirk])
 
 
@@ -958,4 +967,8 @@ def synthesize(
         sample[column] = 1.0 / 3.0
     write_csv_atomic(sample, out / "sample_submission.csv")
     write_csv_atomic(labels_to_solution(_labels_frame(test)), out / "solution_test.csv")
+    if config.pacs != "none":
+        from lsdc.synth import pacs
+
+        pacs.finish_export(out, [r.study_id for r in test], config.seed)
     return out
