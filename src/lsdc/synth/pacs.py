@@ -157,7 +157,7 @@ def _extras(
     coronal_axes = (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0]))
 
     def stack(axes, offsets, fov):
-        return generator._make_stack(rng, centre, axes, offsets, matrix, fov, np.eye(3), True)
+        return generator.make_stack(rng, centre, axes, offsets, matrix, fov, np.eye(3), True)
 
     three = np.array([-12.0, 0.0, 12.0])
     localizer = [
