@@ -311,3 +311,40 @@ def test_synth_pacs_export_predicts_as_its_competition_copy(
     assert sorted(other["orientation"]) == ["coronal", "coronal", "mixed", "mixed"]
     repeats = roles[roles["why"].str.startswith("rejected for Sagittal T2/STIR", na=False)]
     assert repeats["why"].str.contains("more images").all() and len(repeats) >= 1
+
+
+def test_synth_pacs_export_carries_the_anatomical_phantoms_sequence_tags(synth_pacs_root) -> None:
+    """The re-tagged series keep the TR/TE/TI and field strength their images were rendered
+    with; the extras carry timings of their own protocols, one field strength per study."""
+    from lsdc.synth.pacs import PACS_DIR
+    from lsdc.synth.tissues import PROTOCOLS
+
+    keys = ("RepetitionTime", "EchoTime", "InversionTime", "MagneticFieldStrength")
+
+    def tags(path: Path) -> tuple:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return tuple(ds.get(k) for k in keys) + (ds.ScanningSequence,)
+
+    competition = {
+        (ds.StudyInstanceUID, ds.SeriesInstanceUID): tags(p)
+        for p in (synth_pacs_root / "test_images").rglob("*.dcm")
+        for ds in [pydicom.dcmread(p, stop_before_pixels=True)]
+    }
+    kinds = {"GR": "localizer", "SE": "coronal_t2"}
+    for study in (p for p in (synth_pacs_root / PACS_DIR).iterdir() if p.is_dir()):
+        fields = set()
+        for folder in study.iterdir():
+            first = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+            got = tags(next(folder.iterdir()))
+            fields.add(got[3])
+            own = competition.get((first.StudyInstanceUID, first.SeriesInstanceUID))
+            if own is not None:
+                assert got == own, folder
+            elif int(first.SeriesNumber) in (1, 80):  # the localizer and the coronal T2
+                protocol = PROTOCOLS[kinds[str(first.ScanningSequence)]]
+                assert protocol.repetition[0] <= got[0] <= protocol.repetition[1], folder
+                assert protocol.echo[0] <= got[1] <= protocol.echo[1], folder
+                assert got[2] is None
+            else:  # the repeat: as its original was run
+                assert got[:4] in {c[:4] for c in competition.values()}, folder
+        assert len(fields) == 1 and fields <= {1.5, 3.0}, study

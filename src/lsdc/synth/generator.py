@@ -457,24 +457,41 @@ def _layered_signal(anatomy: phantom.Anatomy, series: list[Series]) -> SignalOf:
     return signal
 
 
-def _render_anatomical(
+@dataclass(frozen=True)
+class Look:
+    """What every series of one study shares: its tissues' T1, T2, PD and its bias and texture
+    fields (a PACS export's extra series are of the same patient in the same coil)."""
+
+    table: tissues.TissueTable
+    bias: Callable
+    texture: Callable
+
+
+def draw_look(rng: np.random.Generator, spine: anatomy.Spine, field_strength: float) -> Look:
+    """One study's :class:`Look` (tissues at the study's field strength)."""
+    table = tissues.draw_tissues(rng, spine, field_strength)
+    bias = render.bias_field(rng, spine.centre)
+    return Look(table, bias, render.texture_field(rng, spine.centre))
+
+
+def render_anatomical(
     rng: np.random.Generator,
     spine: anatomy.Spine,
+    look: Look,
     series: list[Series],
     config: SynthConfig,
-    split: str,
-    index: int,
+    ghost_rng: np.random.Generator,
+    wrap_rng: np.random.Generator,
 ) -> list[list[np.ndarray]]:
     """uint16 pixels (n, rows, columns) of every stack of every series, from the anatomical
     phantom (:mod:`lsdc.synth.render`). The competition profile renders at ACQUISITION_MM (or
-    the stack's own, coarser, pixel) and interpolates to the matrix."""
-    if not series:
-        return []
-    table = tissues.draw_tissues(rng, spine, series[0].field_strength)
-    bias = render.bias_field(rng, spine.centre)
-    texture = render.texture_field(rng, spine.centre)
-    ghost_rng = _quirk_rng(config, split, index, 3)
-    wrap_rng = _quirk_rng(config, split, index, 4)
+    the stack's own, coarser, pixel) and interpolates to the matrix.
+
+    Args:
+        ghost_rng, wrap_rng: the streams motion ghosts and wrap-around draw from (their rates
+            then move nothing else).
+    """
+    table, bias, texture = look.table, look.bias, look.texture
     out: list[list[np.ndarray]] = []
     for s in series:
         signal = tissues.signal_table(table, s.timing)
@@ -609,8 +626,12 @@ def _write_series(
         if series.timing is not None:
             timing = series.timing
             inversion = timing.inversion_time is not None
-            ds.ScanningSequence = ["SE", "IR"] if inversion else "SE"
-            ds.SequenceVariant = ["SK", "SP", "MP"] if inversion else ["SK", "SP"]
+            if timing.flip_angle is not None:
+                ds.ScanningSequence, ds.SequenceVariant = "GR", "SP"
+                ds.FlipAngle = _ds([timing.flip_angle])[0]
+            else:
+                ds.ScanningSequence = ["SE", "IR"] if inversion else "SE"
+                ds.SequenceVariant = ["SK", "SP", "MP"] if inversion else ["SK", "SP"]
             ds.ScanOptions = "IR" if inversion else ""
             ds.MRAcquisitionType = "2D"
             ds.RepetitionTime = _ds([timing.repetition_time])[0]
@@ -683,18 +704,29 @@ def _synthesize_study(
     table_position = np.array([rng.uniform(-15, 15), rng.uniform(-30, 30), rng.uniform(-150, 150)])
     most_series = 5 if config.profile == "competition" else 4  # axial T2 in up to 3 or 2 series
     if config.phantom == "simple":
-        body = simple_body = phantom.draw_anatomy(rng, severity, centre=table_position)
+        body = phantom.draw_anatomy(rng, severity, centre=table_position)
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         pixels = _render_study(rng, body, series, config.profile)
+
+        def render_extras(extra_rng, extras):
+            return _render_study(extra_rng, body, extras, config.profile)
     else:
         # The spine draws from a stream of its own and the main stream skips the simple
         # phantom's draws, so both phantoms plan the same series for a seed (sizes, missing
         # series, instance numbers): a comparison between them changes the images alone.
-        simple_body = phantom.draw_anatomy(rng, severity, centre=table_position)
+        phantom.draw_anatomy(rng, severity, centre=table_position)
         body = anatomy.draw_spine(_quirk_rng(config, split, index, 7), severity, table_position)
         series = _plan_series(rng, config, body, _draw_ids(rng, most_series, 10**6, 4 * 10**9))
         _assign_protocols(rng, series)
-        pixels = _render_anatomical(rng, body, series, config, split, index)
+        look = draw_look(rng, body, series[0].field_strength) if series else None
+        pixels = []
+        if look is not None:
+            quirks = _quirk_rng(config, split, index, 3), _quirk_rng(config, split, index, 4)
+            pixels = render_anatomical(rng, body, look, series, config, *quirks)
+
+        def render_extras(extra_rng, extras):  # their own stream for ghosts and wrap too
+            return render_anatomical(extra_rng, body, look, extras, config, extra_rng, extra_rng)
+
     _reverse_storage(
         _quirk_rng(config, split, index, 1), config.reversed_storage_rate, series, pixels
     )
@@ -705,11 +737,9 @@ def _synthesize_study(
     if config.pacs != "none" and split == "test":
         from lsdc.synth import pacs
 
-        # The PACS extras (localizer, coronal T2) are still rendered by the simple phantom,
-        # from the simple anatomy the main stream drew: not yet from the anatomical one.
         pacs.export_study(
-            image_root.parent / pacs.PACS_DIR, image_root / str(study_id), study_id, simple_body,
-            series, config, _quirk_rng(config, split, index, 8),
+            image_root.parent / pacs.PACS_DIR, image_root / str(study_id), study_id, body,
+            render_extras, series, config, _quirk_rng(config, split, index, 8),
         )  # fmt: skip
     return StudyRecord(
         study_id=study_id,

@@ -5,14 +5,17 @@ folder where nothing says which is which, so the synthetic root can hold its tes
 time in ``test_pacs/``:
 
 - the same images (the files of ``test_images/``, pixel for pixel), re-tagged as a scanner tags
-  them: a vendor's description (:data:`VENDOR_DESCRIPTIONS`, by the study's Manufacturer) and
-  the sequence tags RepetitionTime, EchoTime, InversionTime, ScanningSequence, SequenceVariant
-  (:data:`SEQUENCE_TAGS`: fixed values typical of each sequence; the anatomical phantom of issue
-  20 will bring its own);
-- series a study has that no model reads, rendered from the study's own phantom: a 3-plane
-  localizer (series 1: three slices in each plane), a coronal T2 and a shorter repeat of the
-  Sagittal T2/STIR (its outermost slices left out, so the choice rule "the most images" keeps the
-  original);
+  them: a vendor's description (:data:`VENDOR_DESCRIPTIONS`, by the study's Manufacturer); the
+  sequence tags (RepetitionTime, EchoTime, InversionTime, ScanningSequence, SequenceVariant,
+  MagneticFieldStrength) are the ones the anatomical phantom drew per study and rendered the
+  images with; the simple phantom, which has one contrast per sequence, gets the fixed values
+  of :data:`SEQUENCE_TAGS`;
+- series a study has that no model reads, rendered from the study's own phantom (the anatomical
+  one: the same spine, tissues, bias and texture, with TR/TE drawn from
+  :data:`lsdc.synth.tissues.PROTOCOLS`): a 3-plane localizer (series 1: three slices in each
+  plane, a spoiled gradient echo), a coronal T2 and a shorter repeat of the Sagittal T2/STIR (its
+  outermost slices left out, so the choice rule "the most images" keeps the original; the same
+  timings);
 - files named as exports name them: ``flat``: every file in one folder, named by its
   SOPInstanceUID; ``by-series``: ``{PatientID}/S{SeriesNumber:03d}/I{n:04d}``; no extension;
 - a ``DICOMDIR`` and a ``README.TXT`` at the top, as on an exported CD;
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +47,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, ge
 from lsdc.contract import write_csv_atomic
 
 if TYPE_CHECKING:
+    from lsdc.synth.anatomy import Spine
     from lsdc.synth.config import SynthConfig
     from lsdc.synth.generator import Series
     from lsdc.synth.phantom import Anatomy
@@ -89,24 +93,30 @@ SEQUENCE_TAGS: dict[str, dict[str, object]] = {
     },
     "localizer": {"RepetitionTime": 8.6, "EchoTime": 4, "ScanningSequence": "GR", "SequenceVariant": "SP"},
 }  # fmt: skip
-"""Typical sequence tags (ms) of each sequence; STIR's inversion time at 1.5 T (x 1.3 at 3 T)."""
+"""Typical sequence tags (ms) of each sequence of the simple phantom (its contrast is fixed);
+STIR's inversion time at 1.5 T (x 1.3 at 3 T)."""
 
 LOCALIZER_FOV_MM = 300.0
 CORONAL_SLICES = 12
 CORONAL_STEP_MM = 3.5
 
 
+RenderExtras = Callable[[np.random.Generator, list["Series"]], list[list[np.ndarray]]]
+"""Pixels of every stack of the series given, from the study's own phantom."""
+
+
 def export_study(
     pacs_root: Path,
     study_folder: Path,
     study_id: int,
-    anatomy: Anatomy,
+    body: Anatomy | Spine,
+    render: RenderExtras,
     series: Sequence[Series],
     config: SynthConfig,
     rng: np.random.Generator,
 ) -> None:
     """Write one study's PACS copy into ``pacs_root``: its series from ``study_folder`` (the
-    competition files) re-tagged, and the extras rendered from ``anatomy``.
+    competition files) re-tagged, and the extras placed on ``body`` and drawn by ``render``.
 
     Args:
         series: the study's series, as written into ``study_folder``.
@@ -124,12 +134,8 @@ def export_study(
         for number, s in enumerate(sorted(series, key=lambda s: s.series_id), start=2):
             kind = s.sequence if s.description == "Sagittal T2/STIR" else s.description
             plan.append((study_folder / str(s.series_id), number, names[kind], s.sequence))
-        for k, (parts, kind, number) in enumerate(_extras(rng, config, anatomy, series)):
-            pixels = [
-                stack
-                for part in parts
-                for stack in generator._render_study(rng, anatomy, [part], config.profile)[0]
-            ]
+        for k, (parts, kind, number) in enumerate(_extras(rng, config, body, series)):
+            pixels = [stack for part in parts for stack in render(rng, [part])[0]]
             whole = dataclasses.replace(parts[0], stacks=[st for p in parts for st in p.stacks])
             counts = [len(st.positions) for st in whole.stacks]
             whole.instance_numbers = np.split(np.arange(1, sum(counts) + 1), np.cumsum(counts)[:-1])
@@ -138,6 +144,9 @@ def export_study(
             sequence = "localizer" if kind == "localizer" else whole.sequence
             plan.append((folder, number, names[kind], sequence))
         for folder, number, description, sequence in plan:
+            if series[0].timing is not None:  # the files carry the timings they were drawn with
+                _retag_series(pacs_root, folder, study_id, number, description, {}, config.pacs)
+                continue
             tags = dict(SEQUENCE_TAGS[sequence])
             if "InversionTime" in tags and field_strength > 2:
                 tags["InversionTime"] = round(float(tags["InversionTime"]) * 1.3)
@@ -145,11 +154,13 @@ def export_study(
 
 
 def _extras(
-    rng: np.random.Generator, config: SynthConfig, anatomy: Anatomy, series: Sequence[Series]
-) -> list[tuple[list[Series], str, int]]:
+    rng: np.random.Generator, config: SynthConfig, anatomy: Anatomy | Spine,
+    series: Sequence[Series],
+) -> list[tuple[list[Series], str, int]]:  # fmt: skip
     """The series no model reads, as ``(parts, kind, SeriesNumber)``; each part is one plane,
-    rendered alone (a localizer's three planes on one grid would cost a cube of voxels)."""
-    from lsdc.synth import generator
+    rendered alone (a localizer's three planes on one grid would cost a cube of voxels). With
+    the study's series timed (the anatomical phantom), each extra gets its protocol and timing."""
+    from lsdc.synth import generator, tissues
 
     matrix = config.image_size if config.profile == "default" else 256
     mid_z = float(np.mean(anatomy.disc_z[1:]))
@@ -175,12 +186,19 @@ def _extras(
         shorter = dataclasses.replace(original, positions=original.positions[1:-1])
         repeat = generator.Series(3, sagittal.description, sagittal.sequence, [shorter])
         extras.append(([repeat], sagittal.sequence, 81))
-    for parts, _, _ in extras:
+    first = series[0]
+    for parts, kind, _ in extras:
+        timing = None
+        if first.timing is not None:
+            protocol = {"localizer": "localizer", "coronal": "coronal_t2"}.get(kind)
+            if protocol is None:  # the repeat: the original's protocol, as re-run
+                protocol, timing = sagittal.protocol, sagittal.timing
+            else:
+                timing = tissues.draw_timing(rng, protocol, first.field_strength)
         for part in parts:
-            part.manufacturer, part.field_strength = (
-                series[0].manufacturer,
-                series[0].field_strength,
-            )
+            part.manufacturer, part.field_strength = first.manufacturer, first.field_strength
+            if timing is not None:
+                part.protocol, part.timing = protocol, timing
     return extras
 
 

@@ -10,7 +10,7 @@ Nothing here depends on a label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,6 +66,7 @@ class Protocol:
     inversion_1p5t: tuple[float, float] | None = None
     inversion_3t: tuple[float, float] | None = None
     echo_train: tuple[int, int] = (3, 5)
+    flip_deg: tuple[float, float] | None = None  # a spoiled gradient echo (None: spin echo)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -75,8 +76,12 @@ PROTOCOLS: dict[str, Protocol] = {
         "STIR", (2500.0, 5000.0), (30.0, 70.0), (140.0, 180.0), (180.0, 230.0), (9, 15)
     ),
     "axial_t2": Protocol("T2", (3000.0, 5500.0), (85.0, 120.0), echo_train=(15, 25)),
+    "coronal_t2": Protocol("T2", (3000.0, 5000.0), (85.0, 120.0), echo_train=(15, 25)),
+    "localizer": Protocol("T1", (7.0, 10.0), (2.5, 5.0), echo_train=(1, 1), flip_deg=(20.0, 40.0)),
 }
-"""The protocol table of anatomical_phantom.md."""
+"""The protocol table of anatomical_phantom.md, and the series of a PACS export no model reads
+(a coronal T2 as the sagittal one; a 3-plane localizer as the fast T1-weighted gradient echo
+scanners use)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class Timing:
     echo_time: float
     inversion_time: float | None
     echo_train_length: int
+    flip_angle: float | None = None  # degrees, gradient echo only
 
 
 def draw_timing(rng: np.random.Generator, protocol: str, field_strength: float) -> Timing:
@@ -98,13 +104,16 @@ def draw_timing(rng: np.random.Generator, protocol: str, field_strength: float) 
         ti = round(
             float(rng.uniform(*(p.inversion_1p5t if field_strength < 2 else p.inversion_3t)))
         )
-    return Timing(
+    timing = Timing(
         protocol=protocol,
         repetition_time=round(float(rng.uniform(*p.repetition))),
         echo_time=round(float(rng.uniform(*p.echo)), 1),
         inversion_time=ti,
         echo_train_length=int(rng.integers(p.echo_train[0], p.echo_train[1] + 1)),
     )
+    if p.flip_deg is None:
+        return timing
+    return replace(timing, flip_angle=round(float(rng.uniform(*p.flip_deg))))
 
 
 @dataclass(frozen=True)
@@ -159,11 +168,20 @@ def inversion_recovery(pd, t1, t2, tr: float, te: float, ti: float):
     return pd * np.abs(1 - 2 * np.exp(-ti / t1) + np.exp(-tr / t1)) * np.exp(-te / t2)
 
 
+def spoiled_gradient_echo(pd, t1, t2, tr: float, te: float, flip_deg: float):
+    """S = PD sin(a) (1 - E1) / (1 - cos(a) E1) exp(-TE/T2), E1 = exp(-TR/T1) (T2 for T2*)."""
+    a = np.deg2rad(flip_deg)
+    e1 = np.exp(-tr / t1)
+    return pd * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-te / t2)
+
+
 def signal_table(tissues: TissueTable, timing: Timing) -> np.ndarray:
     """Signal of every tissue code on one series (float32, PD units: CSF's PD ~ 100)."""
     tr, te, ti = timing.repetition_time, timing.echo_time, timing.inversion_time
 
     def signal(pd, t1, t2):
+        if timing.flip_angle is not None:
+            return spoiled_gradient_echo(pd, t1, t2, tr, te, timing.flip_angle)
         if ti is None:
             return spin_echo(pd, t1, t2, tr, te)
         return inversion_recovery(pd, t1, t2, tr, te, ti)
