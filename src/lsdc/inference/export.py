@@ -39,7 +39,7 @@ from lsdc.utils import check_input_dir, check_output_dir, write_text_atomic
 
 DISTRIBUTION = "lsdc"
 SERVED_KEYS = ("model", "config", "task_state")
-"""The entries of ``best.pt`` that serving reads (lsdc.inference.runs.predict_run)."""
+"""The entries of ``best.pt`` that serving reads (:class:`lsdc.tasks.served.ServedRun`)."""
 
 WHEEL_DIR = "wheels"
 REQUIREMENTS = "requirements.txt"

@@ -7,7 +7,7 @@ each series on a fixed grid and is supervised by the label coordinates; a level 
 crops per study. During training the crops are cut around the *labelled* points, jittered by about
 stage 1's error; at validation and inference they are cut around the points the localizer
 predicts, so the OOF score is that of the served pipeline. Because both parts live in one module,
-folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and ``predict_run`` work unchanged.
+folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and serving (``ServedRun``) work unchanged.
 
 Task settings (``task_params``, every key checked): see :class:`TwoStageParams`.
 """
