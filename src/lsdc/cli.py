@@ -453,10 +453,18 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out the lsdc wheel (otherwise built from lsdc's source with pip, offline)",
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="export the folds of a run that has not finished training as they are (otherwise "
+        "refused, naming the unfinished fold); a run being trained is refused either way",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    result = api.export(args.run, args.out, wheel=not args.no_wheel)
+    result = api.export(
+        args.run, args.out, wheel=not args.no_wheel, allow_unfinished=args.allow_unfinished
+    )
     mb = 2**20
     print(
         f"lsdc export: {len(result.runs)} run(s) to {result.out_dir}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -125,6 +126,87 @@ def _check_writable_ancestor(folder: Path, flag: str, target: Path) -> None:
         raise UserError(f"{target}: {flag} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{target}: {flag} cannot be written: {existing} is read-only")
+
+
+class FolderBusyError(UserError):
+    """Another process holds a folder's writer lock (:func:`writer_lock`)."""
+
+
+@contextlib.contextmanager
+def writer_lock(
+    folder: Path, name: str, flag: str, busy: str, error: type[UserError] = FolderBusyError
+) -> Iterator[None]:
+    """Hold the writer lock of ``folder`` (``flock`` on the file ``name`` in it) for the block.
+
+    One writer per folder (a cache, a run): a second one refuses at once, naming the pid of the
+    holder, before it touches anything. The lock file holds the holder's pid and is emptied when
+    the block ends; a process killed inside it leaves its pid in the file but no lock (the
+    kernel drops it), so no stale lock ever needs removing.
+
+    Args:
+        folder: the folder to lock (created if missing).
+        name: the lock file's name in it.
+        flag: the option that named the folder (``--cache``), for the error messages.
+        busy: the refusal after ``{folder}: ``, with ``{pid}`` where the holder's pid goes.
+        error: the exception type of the refusal.
+
+    Raises:
+        UserError: the folder is a file or cannot be written.
+        FolderBusyError: (or ``error``) another process holds the lock.
+    """
+    check_output_dir(folder, flag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"{folder}: {flag} cannot be written ({exc.strerror})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(f"{folder}: {busy.format(pid=_lock_holder(fd))}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def reader_lock(folder: Path, name: str, busy: str) -> Iterator[None]:
+    """Hold a shared lock on the writer lock of ``folder`` for the block: refuse at once while a
+    writer (:func:`writer_lock`) holds it, and keep any writer out until the block ends.
+
+    Reads only: a folder without the lock file has never had a writer lock, so nobody writes it.
+
+    Raises:
+        FolderBusyError: a writer holds the lock (``busy`` as in :func:`writer_lock`).
+    """
+    try:
+        fd = os.open(folder / name, os.O_RDONLY)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(f"{folder}: {busy.format(pid=_lock_holder(fd))}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid a writer left in its lock file ("unknown" while only readers hold it)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
 
 
 _PR_SET_PDEATHSIG = 1
