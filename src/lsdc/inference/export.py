@@ -40,7 +40,13 @@ from lsdc.checkpoint import load_checkpoint, save_checkpoint
 from lsdc.config import read_config_dict
 from lsdc.errors import UserError
 from lsdc.rundir import FoldDir, RunDir
-from lsdc.utils import check_input_dir, check_output_dir, reader_lock, write_text_atomic
+from lsdc.utils import (
+    check_input_dir,
+    check_output_dir,
+    disk_errors,
+    reader_lock,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -326,25 +332,41 @@ def _write_export(
 ) -> ExportResult:
     version = importlib.metadata.version(DISTRIBUTION)
     requirements = runtime_requirements()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    with disk_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        for run, name, run_folds in zip(runs, names, folds, strict=True):
-            _export_run(run, staging / name, run_folds)
-        built = build_wheel(staging / WHEEL_DIR) if wheel else None
-        header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
-        write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
-        write_text_atomic(_readme(names, built, version), staging / README)
+        with disk_errors(out.parent):
+            _fill_staging(runs, names, folds, staging, wheel, version, requirements)
         if out.is_dir():
             out.rmdir()
         os.replace(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    built = next((out / WHEEL_DIR).glob(f"{DISTRIBUTION}-*.whl"), None) if wheel else None
     return ExportResult(
         out_dir=out,
         runs=[out / n for n in names],
-        wheel=None if built is None else out / WHEEL_DIR / built.name,
+        wheel=built,
         runs_bytes=sum(folder_bytes(r) for r in runs),
         export_bytes=folder_bytes(out),
     )
+
+
+def _fill_staging(
+    runs: list[Path],
+    names: list[str],
+    folds: list[list[FoldDir]],
+    staging: Path,
+    wheel: bool,
+    version: str,
+    requirements: list[str],
+) -> None:
+    """Write every file of the export into ``staging``."""
+    for run, name, run_folds in zip(runs, names, folds, strict=True):
+        _export_run(run, staging / name, run_folds)
+    built = build_wheel(staging / WHEEL_DIR) if wheel else None
+    header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
+    write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
+    write_text_atomic(_readme(names, built, version), staging / README)

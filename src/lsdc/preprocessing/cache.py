@@ -33,13 +33,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from lsdc.contract import SPLITS, load_series_descriptions, write_csv_atomic
-from lsdc.errors import UserError
+from lsdc.errors import MachineError, UserError
 from lsdc.preprocessing.dicom import SeriesReadError, Volume, read_series
 from lsdc.preprocessing.geometry import StackGeometry, canonical_in_plane
 from lsdc.utils import (
     FolderBusyError,
     atomic_path,
+    disk_errors,
     init_worker,
+    is_machine_failure,
     read_json,
     write_json_atomic,
     writer_lock,
@@ -359,13 +361,16 @@ def cache_series(
 ) -> list[dict[str, Any]]:
     """Read one series and write its entry atomically; return its report rows.
 
-    Runs in a worker process. Any failure of this one series, expected (bad files) or not,
-    becomes an error row, so the run goes on.
+    Runs in a worker process. Any failure of this one series' files, expected (bad files) or
+    not, becomes an error row, so the run goes on. A failure of the machine (a full disk, no
+    memory, a permission, :func:`lsdc.utils.is_machine_failure`) is raised instead and nothing
+    is published: it says nothing about the series, and a rerun redoes it.
     """
     folder = images / str(study_id) / str(series_id)
     final = cache_dir / str(study_id) / str(series_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{series_id}-", dir=final.parent))
+    with disk_errors(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{series_id}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the entry private once renamed
@@ -379,7 +384,14 @@ def cache_series(
             ]
         except SeriesReadError as exc:
             rows = [_error_row(base, str(exc))]
+        except MemoryError:
+            raise MachineError(
+                f"{folder}: out of memory while reading this series (nothing recorded; rerun "
+                "with fewer --workers or on a machine with more memory)"
+            ) from None
         except Exception as exc:  # one series' surprise must not stop a 6,000-series run
+            if is_machine_failure(exc):
+                raise  # the machine's failure is no verdict on the series: a rerun redoes it
             for leftover in tmp.iterdir():
                 leftover.unlink()
             rows = [_error_row(base, f"{folder}: unexpected {type(exc).__name__}: {exc}")]
@@ -404,7 +416,8 @@ def _write_stack(
     array, geometry, (flip_rows, flip_columns) = canonical_in_plane(volume.array, volume.geometry)
     if spacing is not None:
         array, geometry = resample_stack(array, geometry, spacing)
-    np.save(folder / f"{stack}.npy", array, allow_pickle=False)
+    with disk_errors(folder.parent, array.nbytes):
+        np.save(folder / f"{stack}.npy", array, allow_pickle=False)
     meta = {**volume.meta, "series_description": base["series_description"]}
     sidecar = {
         "format": CACHE_FORMAT,
