@@ -10,7 +10,6 @@ probabilities (points, crops) comes from the task's hooks (:meth:`TrainingTask.l
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,40 +22,17 @@ import torch.nn as nn
 from torch.utils.data import default_collate
 
 from lsdc.checkpoint import load_checkpoint
-from lsdc.config import RESUMABLE_KEYS, TrainConfig, config_differences, config_from_dict
+from lsdc.config import (
+    RESUMABLE_KEYS,
+    config_differences,
+    config_from_dict,
+    without_initial_weights,
+)
 from lsdc.distributed import DistContext
 from lsdc.errors import UserError
 from lsdc.rundir import RunDir
 from lsdc.tasks.base import TrainingTask, create_task
 from lsdc.tasks.predict_loop import make_loader, predict_loader
-
-
-def served_config(data: dict[str, Any]) -> TrainConfig:
-    """A checkpoint's config for serving: without ``model.weights`` (nor any ``pretrained``
-    file of its networks), the initial weights of training, which the checkpoint already holds
-    trained (and which the serving machine, an offline notebook, may not have)."""
-    config = config_from_dict(data)
-    config.model = dataclasses.replace(
-        config.model,
-        weights=None,
-        weights_module="",
-        params=_without_pretrained(config.model.params),
-    )
-    config.task_params = _without_pretrained(config.task_params)
-    return config
-
-
-def _without_pretrained(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with every nested ``pretrained`` file path dropped (booleans stay)."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out[key] = _without_pretrained(value)
-        elif key == "pretrained" and isinstance(value, str):
-            continue
-        else:
-            out[key] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -110,7 +86,7 @@ class ServedRun:
                     f"({self.paths[first_fold]} and {self.paths[fold]} differ in "
                     f"{', '.join(changed)}); a run's folds must share one config"
                 )
-        self.config = served_config(first)
+        self.config = without_initial_weights(config_from_dict(first))
         run = RunDir(self.run_dir)
         self.fold_of: dict[int, int] = {}
         """study_id -> the fold whose validation set holds it (``folds.csv``; empty in an export)."""
