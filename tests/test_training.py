@@ -95,7 +95,17 @@ def test_every_shipped_config_loads_and_builds_its_model(synth_root, synth_cache
             assert {name for name, _ in model.named_children()} == {"localizer", "grader"}
         assert sum(p.numel() for p in model.parameters()) > 0, path.name
         built.add(path.stem)
-    assert {"two_stage", "two_stage_demo", "base", "demo"} <= built
+    assert {"two_stage", "two_stage_demo", "base", "whole_baseline"} <= built
+
+
+def test_the_old_name_of_the_whole_series_baseline_names_the_new_one(tmp_path, capsys) -> None:
+    with pytest.raises(ConfigError, match="now called 'whole_baseline'.*--config whole_baseline"):
+        load_config("demo")
+    argv = ["train", "--config", "demo.yaml", "--data", str(tmp_path), "--cache", str(tmp_path)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "--config whole_baseline" in capsys.readouterr().err
+    (tmp_path / "demo.yaml").write_text("base: base.yaml\n")  # a file of one's own still loads
+    assert load_config(tmp_path / "demo.yaml").task == "whole_study"
 
 
 # -------------------------------------------------------------------------------------- loss

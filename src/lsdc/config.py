@@ -169,12 +169,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
+RENAMED_CONFIGS: dict[str, str] = {"demo": "whole_baseline"}
+"""Shipped configs renamed -> their new names: ``demo`` was the whole-series baseline, not the
+config ``lsdc demo`` trains (``two_stage_demo``)."""
+
+
 def resolve_config_path(name: str | Path) -> Path:
     """Find a config file: the path as given, else the shipped ``NAME`` or ``NAME.yaml``, so
-    ``--config tiny`` works from any working directory and from an installed wheel."""
+    ``--config tiny`` works from any working directory and from an installed wheel.
+
+    Raises:
+        ConfigError: no such file, or a shipped config's old name (naming the new one).
+    """
     path = Path(name)
     if path.is_file():
         return path
+    old = path.name.removesuffix(".yaml") if path.parent == Path(".") else ""
+    if old in RENAMED_CONFIGS:
+        raise ConfigError(
+            f"config {name!r} is now called {RENAMED_CONFIGS[old]!r} (the whole-series "
+            f"baseline); use --config {RENAMED_CONFIGS[old]}"
+        )
     for candidate in (SHIPPED_CONFIG_DIR / path, SHIPPED_CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate

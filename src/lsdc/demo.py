@@ -36,7 +36,7 @@ from lsdc.rundir import RunDir
 
 DEMO_CONFIG = "two_stage_demo"
 """The training config of the demo (``configs/two_stage_demo.yaml``): lsdc's strongest model,
-sized for 2 CPU cores. ``--config demo`` runs the chain with the whole-series baseline instead."""
+sized for 2 CPU cores. ``--config whole_baseline`` runs the chain with the whole-series baseline instead."""
 
 DEMO_TRAIN_STUDIES = 1000
 DEMO_TEST_STUDIES = 100

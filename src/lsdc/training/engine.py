@@ -38,6 +38,7 @@ from lsdc.contract import (
     labels_to_solution,
     write_csv_atomic,
 )
+from lsdc.datasets.loader import make_loader
 from lsdc.distributed import (
     DistContext,
     barrier,
@@ -50,7 +51,6 @@ from lsdc.rundir import FoldDir, RunDir
 from lsdc.tasks.base import TrainingTask
 from lsdc.tasks.predict_loop import (
     autocast_context,
-    make_loader,
     predict_loader,
     predictions_frame,
     to_device,
