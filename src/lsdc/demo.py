@@ -38,11 +38,12 @@ DEMO_CONFIG = "two_stage_demo"
 """The training config of the demo (``configs/two_stage_demo.yaml``): lsdc's strongest model,
 sized for 2 CPU cores. ``--config demo`` runs the chain with the whole-series baseline instead."""
 
-DEMO_TRAIN_STUDIES = 1000
+DEMO_TRAIN_STUDIES = 700
 DEMO_TEST_STUDIES = 100
 """Synthetic study counts: enough training studies for the localizer to find every finding within
 a few millimetres (with 120 it misses the foramina by centimetres), and enough test studies for a
-stable test score, within the demo's minutes on 2 CPU cores."""
+stable test score, within ten minutes on 2 CPU cores (1,000 training studies took longer:
+docs/results.md, "The demo")."""
 
 DEMO_TRAIN_OVERRIDES: tuple[str, ...] = ("folds.fold=0",)
 """Train one fold only. On 2 CPU cores, one model on two thirds of the studies learns more than
