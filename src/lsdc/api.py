@@ -124,13 +124,19 @@ def show(
     return show_study(data_root, cache_dir, run_dir, study_id, out_path)
 
 
-def export(run_dirs: Sequence[str | Path], out_dir: str | Path, wheel: bool = True) -> ExportResult:
+def export(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    wheel: bool = True,
+    allow_unfinished: bool = False,
+) -> ExportResult:
     """Write a slim copy of trained runs for an offline notebook to ``out_dir``: each fold's
     served weights, config, class prior and calibration, the lsdc wheel (unless ``wheel`` is
-    False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it."""
+    False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it.
+    A run still training is refused; an unfinished run too, unless ``allow_unfinished``."""
     from lsdc.inference.export import export_runs
 
-    return export_runs(run_dirs, out_dir, wheel=wheel)
+    return export_runs(run_dirs, out_dir, wheel=wheel, allow_unfinished=allow_unfinished)
 
 
 def predict(

@@ -8,13 +8,14 @@ A run folder (``lsdc train --out RUN``) holds::
     RUN/oof.csv              out-of-fold probabilities of every trained fold
     RUN/metrics.csv          one row per (fold, epoch)
     RUN/calibration.json     per-condition temperatures (``lsdc evaluate --calibrate``)
+    RUN/train.lock           the writer lock of ``lsdc train`` (the holder's pid; empty when free)
     RUN/fold{k}/last.pt      the latest epoch, with optimiser state (exact resume)
     RUN/fold{k}/best.pt      the served weights of the best epoch
     RUN/fold{k}/best.json    fold, seed, epoch, score of best.pt
     RUN/fold{k}/oof.csv      fold k's out-of-fold rows
     RUN/fold{k}/metrics.csv  fold k's epochs
 
-An export (``lsdc export``) keeps the same names, without ``last.pt``.
+An export (``lsdc export``) keeps the same names, without ``last.pt`` and the lock.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class RunDir:
     @property
     def calibration(self) -> Path:
         return self.root / "calibration.json"
+
+    @property
+    def lock_name(self) -> str:
+        """The writer lock's file name (``lsdc train`` holds it, ``lsdc export`` checks it)."""
+        return "train.lock"
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}", k)

@@ -252,13 +252,13 @@ class RunModels:
 
     def _load(self, fold: int) -> tuple[Any, Any, dict[str, Any]]:
         from lsdc.checkpoint import load_checkpoint
-        from lsdc.config import config_from_dict
+        from lsdc.config import config_from_dict, without_initial_weights
         from lsdc.tasks.base import create_task
 
         if fold not in self._models:
             ckpt = load_checkpoint(self.checkpoints[fold], map_location="cpu")
             if self._task is None:
-                config = config_from_dict(ckpt["config"])
+                config = without_initial_weights(config_from_dict(ckpt["config"]))
                 self._task = create_task(config, self.cache_dir, data_root=None)
             model = self._task.build_model(ckpt["task_state"])
             model.load_state_dict(ckpt["model"])

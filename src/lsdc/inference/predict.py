@@ -43,7 +43,7 @@ from lsdc.contract import (
     parse_row_id,
     write_csv_atomic,
 )
-from lsdc.errors import UserError
+from lsdc.errors import MachineError, UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
@@ -495,7 +495,7 @@ def _preprocess(
     prior; a failure of the tools (the cache busy, a crashed worker, a full disk) is refused
     unless the fallback was asked for.
     """
-    from lsdc.preprocessing.cache import CacheBusyError, preprocess_split
+    from lsdc.preprocessing.cache import preprocess_split
 
     try:
         t0 = time.perf_counter()
@@ -508,7 +508,7 @@ def _preprocess(
                 file=sys.stderr,
             )
         return ""
-    except CacheBusyError as exc:
+    except MachineError as exc:  # the cache busy, a full disk: the tools, not the data
         return _refuse_or_fall_back(str(exc), allow_fallback)
     except UserError as exc:
         problem = f"preprocessing failed: {exc}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,13 @@ import numpy as np
 import torch
 
 from lsdc.checkpoint import load_checkpoint
-from lsdc.config import RESUMABLE_KEYS, TrainConfig, config_differences, config_from_dict
+from lsdc.config import (
+    RESUMABLE_KEYS,
+    TrainConfig,
+    config_differences,
+    config_from_dict,
+    without_initial_weights,
+)
 from lsdc.distributed import DistContext
 from lsdc.errors import UserError
 from lsdc.rundir import RunDir
@@ -32,12 +37,10 @@ def fold_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def served_config(data: dict[str, Any]) -> TrainConfig:
-    """A checkpoint's config for serving: without ``model.weights``, the initial weights of
-    training, which the checkpoint already holds trained (and which the serving machine, an
-    offline notebook, may not have)."""
-    config = config_from_dict(data)
-    config.model = dataclasses.replace(config.model, weights=None, weights_module="")
-    return config
+    """A checkpoint's config for serving: without the files of initial weights of training
+    (``model.weights``, every ``pretrained``), which the checkpoint already holds trained (and
+    which the serving machine, an offline notebook, may not have)."""
+    return without_initial_weights(config_from_dict(data))
 
 
 def check_folds(run_dir: str | Path) -> None:

@@ -47,6 +47,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from lsdc.errors import UserError
 from lsdc.preprocessing.geometry import StackGeometry
+from lsdc.utils import is_machine_failure
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between ImageOrientationPatient components of slices of one stack."""
@@ -233,8 +234,9 @@ def _decode(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds, pixel_array(path, ds_out=ds, specific_tags=_HEADER_TAGS)
-    except Exception:  # any refusal: the tolerant path below decides and explains
-        pass
+    except Exception as exc:  # any refusal: the tolerant path below decides and explains
+        if is_machine_failure(exc):
+            raise
     ds = _read_dataset(path)
     if "PixelData" not in ds:
         raise _SkipFile("no pixel data (not an image)")
@@ -243,6 +245,8 @@ def _decode(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
             warnings.simplefilter("ignore")
             return ds, ds.pixel_array
     except Exception as exc:  # pydicom/plugins raise many types for corrupt or truncated data
+        if is_machine_failure(exc):
+            raise
         raise _SkipFile(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
@@ -257,6 +261,8 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
             except InvalidDicomError:
                 ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # a damaged header can fail anywhere inside the parser
+        if is_machine_failure(exc):
+            raise
         raise _SkipFile(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:
         raise _SkipFile("not a DICOM file (no DICM header and no pixel data)")

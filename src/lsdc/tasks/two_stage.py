@@ -387,7 +387,7 @@ def localization_oof(
         error_mm, slice_true, slice_pred.
     """
     from lsdc.checkpoint import load_checkpoint
-    from lsdc.config import config_from_dict
+    from lsdc.config import config_from_dict, without_initial_weights
     from lsdc.rundir import RunDir
 
     run_dir, cache_dir, data_root = Path(run_dir), Path(cache_dir), Path(data_root)
@@ -400,7 +400,9 @@ def localization_oof(
         if not best.is_file():
             continue
         ckpt = load_checkpoint(best, map_location="cpu")
-        task = TwoStageTask(config_from_dict(ckpt["config"]), cache_dir, None)
+        task = TwoStageTask(
+            without_initial_weights(config_from_dict(ckpt["config"])), cache_dir, None
+        )
         model = task.build_model(ckpt["task_state"])
         model.load_state_dict(ckpt["model"])
         model.eval()

@@ -7,9 +7,10 @@ name, so every model family trains, resumes and is scored the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from lsdc.contract import (
 from lsdc.distributed import (
     DistContext,
     barrier,
+    gather_objects,
     sum_across_ranks,
 )
 from lsdc.errors import UserError
@@ -54,7 +56,7 @@ from lsdc.tasks.predict_loop import (
     to_device,
 )
 from lsdc.training.folds import make_folds
-from lsdc.utils import check_output_dir, write_json_atomic
+from lsdc.utils import check_output_dir, write_json_atomic, writer_lock
 
 METRIC_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_score", "lr", "seconds")
 
@@ -526,6 +528,39 @@ def check_run_dir(
     return folds
 
 
+RUN_BUSY = (
+    "another lsdc train (pid {pid}) is writing this run, or an lsdc export is reading it; "
+    "wait for it to end, or use another --out"
+)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Hold the run folder's writer lock (``RUN/train.lock``) for the block: one training per
+    run folder, so two cannot train the same folds into it. Rank 0 holds it; every rank refuses
+    together when it is taken.
+
+    Raises:
+        UserError: another training (its pid named) or an export holds the lock, or the folder
+            cannot be written.
+    """
+    with contextlib.ExitStack() as stack:
+        refusal: UserError | None = None
+        if ctx.is_primary:
+            try:
+                stack.enter_context(
+                    writer_lock(run_dir, RunDir(run_dir).lock_name, "--out", RUN_BUSY)
+                )
+            except UserError as exc:
+                refusal = exc
+        messages = [m for m in gather_objects(None if refusal is None else str(refusal), ctx) if m]
+        if refusal is not None:
+            raise refusal
+        if messages:
+            raise UserError(messages[0])
+        yield
+
+
 def _write_run_files(
     run_dir: Path, config: TrainConfig, labels: pd.DataFrame, folds: pd.DataFrame, ctx: DistContext
 ) -> None:
@@ -557,19 +592,20 @@ def train_run(
     autocast_context(config.optim.amp, ctx.device)  # refuse fp16 on CPU before any work
     labels = task.study_labels()
     todo = list(range(config.folds.n_folds)) if config.folds.fold is None else [config.folds.fold]
-    folds = check_run_dir(run_dir, config, labels, resume, todo)
-    _write_run_files(run_dir, config, labels, folds, ctx)
-    results = [
-        train_fold(task, config, labels, folds, k, run_dir, ctx, resume, progress) for k in todo
-    ]
-    if ctx.is_primary:
-        oof, _ = collect_run_outputs(run_dir, config.folds.n_folds)
-        if len(oof):
-            scored = labels_to_solution(labels)
-            scored = scored[scored["row_id"].isin(oof["row_id"])]
-            score = official_score(scored, oof)
-            write_json_atomic(score.as_dict(), run_dir / "oof_score.json")
-            if progress:
-                tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
-    barrier(ctx)
+    with run_lock(run_dir, ctx):
+        folds = check_run_dir(run_dir, config, labels, resume, todo)
+        _write_run_files(run_dir, config, labels, folds, ctx)
+        results = [
+            train_fold(task, config, labels, folds, k, run_dir, ctx, resume, progress) for k in todo
+        ]
+        if ctx.is_primary:
+            oof, _ = collect_run_outputs(run_dir, config.folds.n_folds)
+            if len(oof):
+                scored = labels_to_solution(labels)
+                scored = scored[scored["row_id"].isin(oof["row_id"])]
+                score = official_score(scored, oof)
+                write_json_atomic(score.as_dict(), run_dir / "oof_score.json")
+                if progress:
+                    tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
+        barrier(ctx)
     return results
