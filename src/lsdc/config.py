@@ -347,6 +347,19 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, data, {})
 
 
+def without_initial_weights(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` that builds the network without any file of initial weights
+    (``model.weights``, ``pretrained`` of the grader's and the localizer's params), for serving a
+    checkpoint: the served or exported run then never needs those files or their paths."""
+    data = config.to_dict()
+    data["model"]["weights"], data["model"]["weights_module"] = None, ""
+    data["model"]["params"].pop("pretrained", None)
+    localizer = data["task_params"].get("localizer")
+    if isinstance(localizer, dict) and isinstance(localizer.get("params"), dict):
+        localizer["params"].pop("pretrained", None)
+    return config_from_dict(data)
+
+
 def validate_config(config: TrainConfig) -> None:
     """Refuse values that are the right type but cannot work."""
     checks = [
