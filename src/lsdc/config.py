@@ -39,6 +39,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "optim.val_every",
         "data.num_workers",
         "data.cache_in_memory",
+        "data.threads",
     }
 )
 """Keys a run may change on ``--resume`` or for a new fold: how long to train, and how the data
@@ -73,6 +74,9 @@ class DataConfig:
     """DataLoader worker processes (0: load in the training process)."""
     cache_in_memory: bool = True
     """Keep resampled volumes in RAM after the first read, so later epochs skip the disk."""
+    threads: int = 0
+    """Torch threads of the training process; 0: the CPUs it may use less ``num_workers``
+    (:func:`lsdc.distributed.choose_threads`)."""
 
 
 @dataclass
@@ -389,6 +393,7 @@ def validate_config(config: TrainConfig) -> None:
             f"must be null or in [0, {config.folds.n_folds})",
         ),
         (config.data.batch_size >= 1, "data.batch_size", "must be at least 1"),
+        (config.data.threads >= 0, "data.threads", "must be 0 (automatic) or more"),
         (all(s >= 1 for s in config.data.volume_size), "data.volume_size", "must be positive"),
         (
             config.model.weights is not None or not config.model.weights_module,
