@@ -38,9 +38,10 @@ from lsdc.contract import (
     load_train_labels,
     parse_row_id,
 )
+from lsdc.evaluation.localization import localization_oof, summarize_localization
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
-from lsdc.tasks.two_stage import localization_oof, summarize_localization
+from lsdc.tasks.served import ServedRun
 from lsdc.utils import write_json_atomic
 
 
@@ -173,7 +174,7 @@ def main() -> None:
     )
     print(table.round(4).to_string())
 
-    errors = localization_oof(runs["two-stage"][1], train_cache, root)
+    errors = localization_oof(ServedRun(runs["two-stage"][1], train_cache, "cpu"), root)
     summary = summarize_localization(errors)
     print("\nStage 1 out-of-fold localisation (fused point vs labelled centre):")
     print(summary.round(3).to_string(index=False))

@@ -101,12 +101,7 @@ def evaluate(
     ``RUN/oof.csv``. Returns the metrics written."""
     from lsdc.evaluation.report import evaluate_files
 
-    predict_fn = None
-    if tta is not None:
-        from lsdc.inference.runs import predict_run as predict_fn
-    return evaluate_files(
-        predictions, data_root, solution, run_dir, out_dir, cache_dir, tta, predict_fn
-    )
+    return evaluate_files(predictions, data_root, solution, run_dir, out_dir, cache_dir, tta)
 
 
 def show(

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 DISTRIBUTION = "lsdc"
 SERVED_KEYS = ("model", "config", "task_state")
-"""The entries of ``best.pt`` that serving reads (lsdc.inference.runs.predict_run)."""
+"""The entries of ``best.pt`` that serving reads (:class:`lsdc.tasks.served.ServedRun`)."""
 
 WHEEL_DIR = "wheels"
 REQUIREMENTS = "requirements.txt"
