@@ -196,6 +196,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars (the one-line summary of each epoch stays)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (the config key data.threads; default: usable CPUs - loader workers)",
+    )
+
+
+def _threads_override(threads: int | None) -> list[str]:
+    """``--threads N`` is the config key ``data.threads``, so the run folder records it."""
+    return [] if threads is None else [f"data.threads={threads}"]
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -204,7 +214,7 @@ def _run_train(args: argparse.Namespace) -> int:
         args.data,
         args.cache,
         args.out,
-        overrides=args.overrides,
+        overrides=[*args.overrides, *_threads_override(args.threads)],
         resume=args.resume,
         device=args.device,
         progress=not args.no_progress,

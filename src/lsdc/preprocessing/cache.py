@@ -17,7 +17,6 @@ lists these promises and the tests that hold them.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from lsdc.utils import (
     init_worker,
     is_machine_failure,
     read_json,
+    worker_context,
     write_json_atomic,
     writer_lock,
 )
@@ -527,30 +527,29 @@ def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: 
     Pool workers die with this process (:func:`lsdc.utils.init_worker`); on any exit from
     here (an error, Ctrl-C) the series not started are cancelled and the running ones waited
     for, so no worker writes into the cache once this returns or raises (and the lock is let go).
-    A ``spawn`` pool: the caller may run threads (tqdm's monitor, torch) whose locks a forked
-    child could inherit held.
+    The pool starts by :func:`lsdc.utils.worker_context` (forked where that is safe), before
+    the progress bar starts its monitor thread.
     """
-    bar = tqdm(total=len(todo), disable=not progress, unit="series", desc=desc)
-    try:
-        if workers == 1 or len(todo) <= 1:
+    if workers == 1 or len(todo) <= 1:
+        with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
             for task in todo:
                 cache_series(*task)
                 bar.update()
-            return
-        pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(os.getpid(),),
-        )
-        try:
-            for future in as_completed([pool.submit(cache_series, *task) for task in todo]):
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)),
+        mp_context=worker_context(),
+        initializer=init_worker,
+        initargs=(os.getpid(),),
+    )
+    try:
+        futures = [pool.submit(cache_series, *task) for task in todo]
+        with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
+            for future in as_completed(futures):
                 future.result()
                 bar.update()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _publish_entry(tmp: Path, final: Path, rows: list[dict[str, Any]]) -> None:
