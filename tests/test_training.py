@@ -314,6 +314,23 @@ def test_ema_and_bf16_train_on_cpu_and_fp16_is_refused(synth_root, synth_cache, 
     assert "fp16 needs CUDA" in capsys.readouterr().err
 
 
+def test_val_every_validates_every_kth_and_the_last_epoch(
+    synth_root, synth_cache, tmp_path, capsys
+):
+    argv = ["train", "--config", "tiny", "--data", str(synth_root), "--cache", str(synth_cache)]
+    extra = ["optim.epochs=3", "optim.val_every=2", "folds.fold=0", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run"), *extra]) == 0
+    metrics = pd.read_csv(tmp_path / "run" / "fold0" / "metrics.csv")
+    assert metrics["val_score"].isna().tolist() == [True, False, False]
+    assert metrics["train_loss"].notna().all()
+    best = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
+    assert best["epoch"] == int(metrics["val_score"].idxmin())
+    printed = capsys.readouterr()
+    assert "epoch 0: train_loss" in printed.out + printed.err
+    assert "not validated" in printed.out + printed.err
+    assert main([*argv, "--out", str(tmp_path / "bad"), "optim.val_every=0", *extra[:1]]) == 2
+
+
 # ----------------------------------------------------------------------------------- serving
 def test_predict_run_averages_folds_and_serves_missing_studies(tiny_run, synth_test_cache) -> None:
     from lsdc.preprocessing.cache import read_cache_index
