@@ -48,9 +48,10 @@ from common import prepare_root, run_verb
 
 from lsdc.config import load_config
 from lsdc.contract import load_solution, load_train_labels
+from lsdc.evaluation.localization import localization_oof, summarize_localization
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
-from lsdc.tasks.two_stage import localization_oof, summarize_localization
+from lsdc.tasks.served import ServedRun
 
 ARCHITECTURES: dict[str, str] = {
     "basicunet": "localizer",
@@ -70,7 +71,7 @@ WHOLE_CONFIGS: dict[str, str | None] = {
     "segresnet": "whole_segresnet",
     "dynunet": "whole_dynunet",
     "swinunetr": "whole_swinunetr",
-    "resnet3d": "demo",
+    "resnet3d": "whole_baseline",
     "vit": "whole_vit",
 }
 """Each architecture's whole-series baseline at the demo's size (basicunet has none)."""
@@ -263,7 +264,9 @@ def _table(args: argparse.Namespace) -> None:
                 prior_run,
                 args,
             )
-            localisation = summarize_localization(localization_oof(prior_run, train_cache, root))
+            localisation = summarize_localization(
+                localization_oof(ServedRun(prior_run, train_cache, "cpu"), root)
+            )
             overall = localisation.set_index("group").loc["all"]
             row |= {"median_mm": float(overall["median_mm"]), "p90_mm": float(overall["p90_mm"])}
         whole_config = None if args.skip_whole else WHOLE_CONFIGS[name]

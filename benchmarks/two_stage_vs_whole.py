@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/two_stage_vs_whole.py --out /tmp/lsdc-evidence \\
         [--data ROOT --cache DIR] [--train-studies 1000] [--test-studies 100] [--seed 0] \\
-        [--whole-config demo] [--two-stage-config two_stage_demo] \\
+        [--whole-config whole_baseline] [--two-stage-config two_stage_demo] \\
         [--whole KEY=VALUE] [--two-stage KEY=VALUE] [key=value ...]
 
 Both models train with ``lsdc train`` on the same cache and the same folds (``key=value``
@@ -38,9 +38,10 @@ from lsdc.contract import (
     load_train_labels,
     parse_row_id,
 )
+from lsdc.evaluation.localization import localization_oof, summarize_localization
 from lsdc.evaluation.metric import official_score
 from lsdc.inference.predict import prior_submission
-from lsdc.tasks.two_stage import localization_oof, summarize_localization
+from lsdc.tasks.served import ServedRun
 from lsdc.utils import write_json_atomic
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--train-studies", type=int, default=1000)
     parser.add_argument("--test-studies", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--whole-config", default="demo", help="the whole-series config")
+    parser.add_argument("--whole-config", default="whole_baseline", help="the whole-series config")
     parser.add_argument("--two-stage-config", default="two_stage_demo")
     parser.add_argument(
         "--whole", action="append", default=[], metavar="KEY=VALUE", help="a whole-series override"
@@ -173,7 +174,7 @@ def main() -> None:
     )
     print(table.round(4).to_string())
 
-    errors = localization_oof(runs["two-stage"][1], train_cache, root)
+    errors = localization_oof(ServedRun(runs["two-stage"][1], train_cache, "cpu"), root)
     summary = summarize_localization(errors)
     print("\nStage 1 out-of-fold localisation (fused point vs labelled centre):")
     print(summary.round(3).to_string(index=False))

@@ -32,7 +32,9 @@ TINY: dict[str, dict] = {
     "segresnet": {"init_filters": 4, "blocks_down": [1, 1, 1]},
     "dynunet": {"filters": [4, 8, 8, 8], "deep_supervision": 2},
     "swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
+    "timm_unet": {"encoder": "test_efficientnet", "encoder_depth": 2, "decoder_channels": [8, 8]},
     "level_grader": {"widths": [4, 8, 8, 8]},
+    "level_grader_25d": {"backbone": "timm:test_efficientnet"},
     "resnet3d": {"widths": [4, 8, 8, 8]},
     "vit": {"hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2},
 }
@@ -43,7 +45,8 @@ def test_every_localizer_and_grader_has_tiny_sizes() -> None:
     """A newly registered name must be added above, so that it is tested through the engine."""
     assert set(TINY) == set(LOCALIZERS) | set(GRADERS)
     assert {"basicunet", "segresnet", "dynunet", "swinunetr", "unet"} <= set(LOCALIZERS)
-    assert {"level_grader", "resnet3d", "vit"} <= set(GRADERS)
+    assert {"level_grader", "level_grader_25d", "resnet3d", "vit"} <= set(GRADERS)
+    assert "timm_unet" in LOCALIZERS
 
 
 def _localizer(name: str) -> torch.nn.Module:
@@ -120,14 +123,15 @@ def test_padded_localizers_cut_the_padding_off(name: str) -> None:
     model = create_model(name, "localizer", grid=(20, 24, 40), **TINY[name]).eval()
     padded = model.padded_grid((20, 24, 40))
     assert all(
-        p % model.size_multiple == 0 and p >= n for p, n in zip(padded, (20, 24, 40), strict=True)
+        p % m == 0 and p >= n
+        for p, n, m in zip(padded, (20, 24, 40), model.size_multiple, strict=True)
     )
     assert model(torch.randn(1, 1, 20, 24, 40)).shape == (1, 25, 20, 24, 40)
 
 
 def test_swinunetr_runs_a_16_slice_grid_padded_to_32() -> None:
     model = _localizer("swinunetr")
-    assert model.size_multiple == 32 and model.padded_grid(GRID) == (32, 32, 32)
+    assert model.size_multiple == (32, 32, 32) and model.padded_grid(GRID) == (32, 32, 32)
 
 
 def test_dynunet_deep_supervision_off_leaves_no_dead_heads() -> None:

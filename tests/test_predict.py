@@ -7,8 +7,6 @@ listing, preprocessing, fallbacks, calibration, ensembling, row order and the re
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pandas as pd
@@ -230,12 +228,12 @@ def test_bad_run_is_refused_before_anything_is_written(root, tmp_path) -> None:
 
 
 def test_cli_writes_submission_and_kept_cache(root, tmp_path, monkeypatch, capsys) -> None:
-    from lsdc.inference.runs import check_folds
+    from lsdc.tasks.served import ServedRun
 
-    module = types.ModuleType("lsdc.inference.runs")
-    module.predict_run = fake_predict_run
-    module.check_folds = check_folds
-    monkeypatch.setitem(sys.modules, "lsdc.inference.runs", module)
+    def fake_predict(self, study_ids, tta=False, folds=None):
+        return fake_predict_run(self.run_dir, self.cache_dir, study_ids, tta)
+
+    monkeypatch.setattr(ServedRun, "predict", fake_predict)
     run = make_run(tmp_path / "run")
     out = tmp_path / "sub.csv"
     cache = tmp_path / "cache"

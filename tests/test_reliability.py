@@ -25,8 +25,9 @@ from lsdc.contract import PRED_COLUMNS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.inference.predict import predict_split
 from lsdc.preprocessing.cache import CACHE_FORMAT, DERIVED_FORMAT, preprocess_split
-from lsdc.training.engine import check_run_dir
-from lsdc.utils import write_json_atomic
+from lsdc.rundir import RunDir
+from lsdc.training.engine import RUN_BUSY, check_run_dir
+from lsdc.utils import reader_lock, write_json_atomic, writer_lock
 
 torch.set_num_threads(1)
 
@@ -44,11 +45,12 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file's bytes and modification time: equal only if nothing was rewritten."""
+    """Every file's bytes and modification time: equal only if nothing was rewritten (the run's
+    lock file is left out: it records who held it, a refused train included)."""
     return {
         str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != RunDir(folder).lock_name
     }
 
 
@@ -305,6 +307,73 @@ def test_changed_training_labels_are_refused(run_copy, synth_root) -> None:
     labels.iloc[0, 1:] = "Severe"
     with pytest.raises(UserError, match="differ"):
         check_run_dir(run_copy, load_config("tiny"), labels, resume=True, todo=[0, 1])
+
+
+def hold_train_lock(run: Path):
+    """The run's writer lock as a running ``lsdc train`` holds it (this process is the holder:
+    ``flock`` locks of two opened files conflict within one process too)."""
+    return writer_lock(run, RunDir(run).lock_name, "--out", RUN_BUSY)
+
+
+@pytest.mark.parametrize("extra", [[], ["--resume"]])
+def test_a_second_train_into_a_run_being_trained_refuses_naming_the_pid(
+    run_copy, synth_root, synth_cache, capsys, extra
+):
+    before = stamps(run_copy)
+    started = time.perf_counter()
+    with hold_train_lock(run_copy):
+        assert main([*train_argv(synth_root, synth_cache, run_copy), *extra]) == 2
+    assert time.perf_counter() - started < 30, "the refusal must come before any training"
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"another lsdc train (pid {os.getpid()}) is writing this run" in err
+    assert stamps(run_copy) == before
+    assert (run_copy / RunDir(run_copy).lock_name).read_text() == "", "emptied when freed"
+    with reader_lock(run_copy, RunDir(run_copy).lock_name, "{pid}"):
+        assert main([*train_argv(synth_root, synth_cache, run_copy), "--resume"]) == 2
+    assert "or an lsdc export is reading it" in capsys.readouterr().err
+
+
+def export_argv(run: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", "--run", str(run), "--out", str(out), "--no-wheel", *extra]
+
+
+def unfinish(fold: Path) -> None:
+    """Make a fold's ``last.pt`` what a training killed after its first epoch leaves."""
+    state = torch.load(fold / "last.pt", weights_only=False)
+    state["finished"], state["epoch"] = False, 0
+    torch.save(state, fold / "last.pt")
+
+
+def test_export_refuses_an_unfinished_run_naming_the_fold(run_copy, tmp_path, capsys):
+    unfinish(run_copy / "fold1")
+    assert main(export_argv(run_copy, tmp_path / "a")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fold 1 is not finished" in err
+    assert "fold1/last.pt: 1 epoch(s) done" in err and "--allow-unfinished" in err
+    assert not (tmp_path / "a").exists()
+
+    assert main(export_argv(run_copy, tmp_path / "b", "--allow-unfinished")) == 0
+    assert [f.fold for f in RunDir(tmp_path / "b" / run_copy.name).fold_dirs()] == [0, 1]
+
+    shutil.rmtree(run_copy / "fold1")
+    assert main(export_argv(run_copy, tmp_path / "c")) == 2
+    assert "fold 1 is not finished" in capsys.readouterr().err
+    assert main(export_argv(run_copy, tmp_path / "d", "--allow-unfinished")) == 0
+    assert [f.fold for f in RunDir(tmp_path / "d" / run_copy.name).fold_dirs()] == [0]
+
+
+def test_export_refuses_a_run_being_trained_even_when_unfinished_is_allowed(
+    run_copy, tmp_path, capsys
+):
+    with hold_train_lock(run_copy):
+        for extra in ([], ["--allow-unfinished"]):
+            assert main(export_argv(run_copy, tmp_path / "out", *extra)) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"lsdc train (pid {os.getpid()}) is writing this run" in err
+            assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert main(export_argv(run_copy, tmp_path / "out")) == 0
 
 
 def test_a_diverged_loss_stops_training_with_epoch_step_and_value(

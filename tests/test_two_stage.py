@@ -281,7 +281,8 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
     """Stage 1 out of fold, on studies it never saw, lands closer to the labelled centres than
     a constant answer: it has learnt where the findings are, not a mean position."""
     import lsdc
-    from lsdc.tasks.two_stage import localization_oof, summarize_localization
+    from lsdc.evaluation.localization import localization_oof, summarize_localization
+    from lsdc.tasks.served import ServedRun
 
     # 64 px: at 32 px (6.5 mm pixels) the anatomical phantom's canal and foramina are a pixel or
     # two, too little anatomy to learn a position from 24 studies (the localizer's grid is fixed).
@@ -297,7 +298,7 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
         + ["folds.fold=0"],
         progress=False,
     )
-    errors = localization_oof(run, cache, root)
+    errors = localization_oof(ServedRun(run, cache, "cpu"), root)
     coordinates = load_label_coordinates(root / "train_label_coordinates.csv")
     scored = {int(s) for s in errors["study_id"].unique()}
     validation = coordinates[coordinates["study_id"].isin(scored)]
@@ -313,8 +314,9 @@ def test_train_then_serve_through_the_engine(
     """`lsdc train --config two_stage_demo` (shrunk) writes a run that predict_run serves, with
     flip TTA, and whose localizer the OOF report measures."""
     from lsdc.cli import main
+    from lsdc.evaluation.localization import localization_oof, summarize_localization
     from lsdc.inference.runs import predict_run
-    from lsdc.tasks.two_stage import localization_oof, summarize_localization
+    from lsdc.tasks.served import ServedRun
 
     run = tmp_path / "run"
     argv = ["train", "--config", "two_stage_demo", "--data", str(synth_root)]
@@ -326,7 +328,7 @@ def test_train_then_serve_through_the_engine(
     probs = predict_run(run, synth_test_cache, test_ids, tta_flip=True, device="cpu")
     assert probs.shape == (len(test_ids), 25, 3)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-    errors = localization_oof(run, synth_cache, synth_root)
+    errors = localization_oof(ServedRun(run, synth_cache, "cpu"), synth_root)
     assert len(errors) >= 100 and np.isfinite(errors["error_mm"]).all()
     summary = summarize_localization(errors).set_index("group")
     assert set(summary.index) == {"spinal", "foraminal", "subarticular", "all"}

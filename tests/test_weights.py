@@ -116,18 +116,20 @@ def test_weights_module_without_weights_is_a_config_error():
         _grader_config("model.weights_module=encoder.net")
 
 
-def test_training_starts_from_the_file_and_serving_does_not_need_it(
+def test_an_export_of_a_run_from_a_weights_file_serves_without_the_file(
     tiny_run, synth_root, synth_cache, synth_test_cache, tmp_path
 ):
-    """Fine-tune fold 0 of the tiny run from its own best.pt; then the file goes away (as on an
-    offline serving machine) and the new run still predicts."""
-    from lsdc.api import train
+    """Predict, show and evaluate all open a run through one serving path, which drops
+    ``model.weights``: an export of a run fine-tuned from a file no longer there works in all
+    three (before, show and evaluate --cache looked for the file)."""
+    from lsdc import api
     from lsdc.contract import load_series_descriptions
+    from lsdc.inference.export import export_runs
     from lsdc.inference.runs import predict_run
 
     weights = tmp_path / "start.pt"
     shutil.copy(tiny_run / "fold0" / "best.pt", weights)
-    run = train(
+    run = api.train(
         "tiny",
         synth_root,
         synth_cache,
@@ -135,9 +137,18 @@ def test_training_starts_from_the_file_and_serving_does_not_need_it(
         overrides=[f"model.weights={weights}", "folds.fold=0", "optim.epochs=1"],
         progress=False,
     )
-    assert load_config(run / "config.yaml").model.weights == str(weights)
+    served = export_runs([run], tmp_path / "export", wheel=False).runs[0]
     weights.unlink()
     ids = sorted(load_series_descriptions(synth_root / "test_series_descriptions.csv")["study_id"])
-    probs = predict_run(run, synth_test_cache, ids, device="cpu")
-    assert probs.shape == (len(ids), 25, 3)
-    assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    probs = predict_run(served, synth_test_cache, ids, device="cpu")
+    np.testing.assert_allclose(probs, predict_run(run, synth_test_cache, ids, device="cpu"))
+    page = api.show(synth_root, synth_test_cache, served, ids[0], tmp_path / "study.html")
+    assert "<html" in page.read_text()
+    metrics = api.evaluate(
+        run / "oof.csv",
+        synth_root,
+        run_dir=served,
+        out_dir=tmp_path / "eval",
+        cache_dir=synth_cache,
+    )
+    assert metrics["gallery"] and (served / "calibration.json").is_file()

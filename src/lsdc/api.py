@@ -101,12 +101,7 @@ def evaluate(
     ``RUN/oof.csv``. Returns the metrics written."""
     from lsdc.evaluation.report import evaluate_files
 
-    predict_fn = None
-    if tta is not None:
-        from lsdc.inference.runs import predict_run as predict_fn
-    return evaluate_files(
-        predictions, data_root, solution, run_dir, out_dir, cache_dir, tta, predict_fn
-    )
+    return evaluate_files(predictions, data_root, solution, run_dir, out_dir, cache_dir, tta)
 
 
 def show(
@@ -124,13 +119,19 @@ def show(
     return show_study(data_root, cache_dir, run_dir, study_id, out_path)
 
 
-def export(run_dirs: Sequence[str | Path], out_dir: str | Path, wheel: bool = True) -> ExportResult:
+def export(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    wheel: bool = True,
+    allow_unfinished: bool = False,
+) -> ExportResult:
     """Write a slim copy of trained runs for an offline notebook to ``out_dir``: each fold's
     served weights, config, class prior and calibration, the lsdc wheel (unless ``wheel`` is
-    False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it."""
+    False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it.
+    A run still training is refused; an unfinished run too, unless ``allow_unfinished``."""
     from lsdc.inference.export import export_runs
 
-    return export_runs(run_dirs, out_dir, wheel=wheel)
+    return export_runs(run_dirs, out_dir, wheel=wheel, allow_unfinished=allow_unfinished)
 
 
 def predict(

@@ -18,6 +18,7 @@ from pathlib import Path
 from lsdc import api
 from lsdc.contract import N_LABELS, SPLITS
 from lsdc.errors import UserError
+from lsdc.utils import disk_error
 
 _OVERRIDES_HELP = (
     "dotted config overrides, e.g. optim.epochs=3 folds.fold=0 (anywhere among the flags)"
@@ -195,6 +196,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars (the one-line summary of each epoch stays)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (the config key data.threads; default: usable CPUs - loader workers)",
+    )
+
+
+def _threads_override(threads: int | None) -> list[str]:
+    """``--threads N`` is the config key ``data.threads``, so the run folder records it."""
+    return [] if threads is None else [f"data.threads={threads}"]
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -203,7 +214,7 @@ def _run_train(args: argparse.Namespace) -> int:
         args.data,
         args.cache,
         args.out,
-        overrides=args.overrides,
+        overrides=[*args.overrides, *_threads_override(args.threads)],
         resume=args.resume,
         device=args.device,
         progress=not args.no_progress,
@@ -453,10 +464,18 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out the lsdc wheel (otherwise built from lsdc's source with pip, offline)",
     )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="export the folds of a run that has not finished training as they are (otherwise "
+        "refused, naming the unfinished fold); a run being trained is refused either way",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    result = api.export(args.run, args.out, wheel=not args.no_wheel)
+    result = api.export(
+        args.run, args.out, wheel=not args.no_wheel, allow_unfinished=args.allow_unfinished
+    )
     mb = 2**20
     print(
         f"lsdc export: {len(result.runs)} run(s) to {result.out_dir}: "
@@ -474,7 +493,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         default=DEMO_CONFIG,
-        help=f"training config (default {DEMO_CONFIG}; 'demo' for the whole-series baseline)",
+        help=f"training config (default {DEMO_CONFIG}; 'whole_baseline' for the whole-series baseline)",
     )
     p.add_argument(
         "--train-studies", type=int, default=DEMO_TRAIN_STUDIES, help="synthetic training studies"
@@ -584,6 +603,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _written_folder(args: argparse.Namespace) -> Path:
+    """The folder a verb writes (its ``--out``, the parent of an output file, or ``--cache``)."""
+    for name in ("out", "cache"):
+        value = getattr(args, name, None)
+        if isinstance(value, Path):
+            return value.parent if value.suffix else value
+    return Path.cwd()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -591,10 +619,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"lsdc {args.verb}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a path the system refused (read-only, full disk): one line too
-        if exc.filename is None:
+    except (OSError, RuntimeError) as exc:  # a path the system refused (read-only, full disk)
+        filename = getattr(exc, "filename", None)
+        folder = Path(filename).parent if filename else _written_folder(args)
+        error = disk_error(exc, folder)
+        if error is not None:
+            print(f"lsdc {args.verb}: error: {error}", file=sys.stderr)
+        elif isinstance(exc, OSError) and filename is not None:
+            print(f"lsdc {args.verb}: error: {filename}: {exc.strerror}", file=sys.stderr)
+        else:
             raise
-        print(f"lsdc {args.verb}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lsdc {args.verb}: interrupted", file=sys.stderr)

@@ -33,7 +33,14 @@ class ConfigError(UserError):
 
 
 RESUMABLE_KEYS: frozenset[str] = frozenset(
-    {"optim.epochs", "optim.patience", "data.num_workers", "data.cache_in_memory"}
+    {
+        "optim.epochs",
+        "optim.patience",
+        "optim.val_every",
+        "data.num_workers",
+        "data.cache_in_memory",
+        "data.threads",
+    }
 )
 """Keys a run may change on ``--resume`` or for a new fold: how long to train, and how the data
 are loaded (loader processes, RAM cache). Any other difference from the run's stored config is
@@ -67,6 +74,9 @@ class DataConfig:
     """DataLoader worker processes (0: load in the training process)."""
     cache_in_memory: bool = True
     """Keep resampled volumes in RAM after the first read, so later epochs skip the disk."""
+    threads: int = 0
+    """Torch threads of the training process; 0: the CPUs it may use less ``num_workers``
+    (:func:`lsdc.distributed.choose_threads`)."""
 
 
 @dataclass
@@ -121,6 +131,10 @@ class OptimConfig:
     averaged weights are validated, checkpointed as best and served."""
     patience: int = 0
     """Stop a fold after this many epochs without a better validation score; 0 never stops early."""
+    val_every: int = 1
+    """Validate every this many epochs, and always after the last: a validation pass over the
+    fold costs a fifth of a demo epoch on a CPU, and a cosine schedule with EMA ends at its best.
+    Epochs not validated cannot become the best one; ``patience`` counts validated epochs."""
 
 
 @dataclass
@@ -169,12 +183,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
+RENAMED_CONFIGS: dict[str, str] = {"demo": "whole_baseline"}
+"""Shipped configs renamed -> their new names: ``demo`` was the whole-series baseline, not the
+config ``lsdc demo`` trains (``two_stage_demo``)."""
+
+
 def resolve_config_path(name: str | Path) -> Path:
     """Find a config file: the path as given, else the shipped ``NAME`` or ``NAME.yaml``, so
-    ``--config tiny`` works from any working directory and from an installed wheel."""
+    ``--config tiny`` works from any working directory and from an installed wheel.
+
+    Raises:
+        ConfigError: no such file, or a shipped config's old name (naming the new one).
+    """
     path = Path(name)
     if path.is_file():
         return path
+    old = path.name.removesuffix(".yaml") if path.parent == Path(".") else ""
+    if old in RENAMED_CONFIGS:
+        raise ConfigError(
+            f"config {name!r} is now called {RENAMED_CONFIGS[old]!r} (the whole-series "
+            f"baseline); use --config {RENAMED_CONFIGS[old]}"
+        )
     for candidate in (SHIPPED_CONFIG_DIR / path, SHIPPED_CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
@@ -347,6 +376,19 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, data, {})
 
 
+def without_initial_weights(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` that builds the network without any file of initial weights
+    (``model.weights``, ``pretrained`` of the grader's and the localizer's params), for serving a
+    checkpoint: the served or exported run then never needs those files or their paths."""
+    data = config.to_dict()
+    data["model"]["weights"], data["model"]["weights_module"] = None, ""
+    data["model"]["params"].pop("pretrained", None)
+    localizer = data["task_params"].get("localizer")
+    if isinstance(localizer, dict) and isinstance(localizer.get("params"), dict):
+        localizer["params"].pop("pretrained", None)
+    return config_from_dict(data)
+
+
 def validate_config(config: TrainConfig) -> None:
     """Refuse values that are the right type but cannot work."""
     checks = [
@@ -358,6 +400,7 @@ def validate_config(config: TrainConfig) -> None:
         (config.optim.amp in ("none", "bf16", "fp16"), "optim.amp", "must be none, bf16 or fp16"),
         (0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)"),
         (config.optim.epochs >= 1, "optim.epochs", "must be at least 1"),
+        (config.optim.val_every >= 1, "optim.val_every", "must be at least 1"),
         (config.folds.n_folds >= 2, "folds.n_folds", "must be at least 2"),
         (
             config.folds.fold is None or 0 <= config.folds.fold < config.folds.n_folds,
@@ -365,6 +408,7 @@ def validate_config(config: TrainConfig) -> None:
             f"must be null or in [0, {config.folds.n_folds})",
         ),
         (config.data.batch_size >= 1, "data.batch_size", "must be at least 1"),
+        (config.data.threads >= 0, "data.threads", "must be 0 (automatic) or more"),
         (all(s >= 1 for s in config.data.volume_size), "data.volume_size", "must be positive"),
         (
             config.model.weights is not None or not config.model.weights_module,

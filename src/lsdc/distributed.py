@@ -6,6 +6,7 @@ same code path trains on one process and on many.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from lsdc.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,54 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {name}: lsdc runs on cpu or cuda")
     return device
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s limit),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int, loader_workers: int) -> int:
+    """Torch threads for this process: ``requested`` if > 0, else ``OMP_NUM_THREADS`` if set
+    (the user's choice), else the usable CPUs shared among torchrun's local processes, less
+    this process's loader workers (each of which takes a core while it decodes), at least 1.
+
+    Torch's default (every core of the machine, in every process) oversubscribes as soon as
+    loader workers or other ranks run beside it, and threads that wait at each operator's
+    barrier for a thread that has no core cost far more than a fair share (docs/results.md,
+    "A busy machine").
+    """
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cpus() // local_ranks - loader_workers)
+
+
+def set_torch_threads(requested: int, loader_workers: int) -> int:
+    """Set torch's intra-op and inter-op threads to :func:`choose_threads`; returns the count.
+
+    The inter-op pool can be sized only before its first use; a process that already used it
+    (a second training in one Python session) keeps its size, logged.
+    """
+    n = choose_threads(requested, loader_workers)
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            log.info(
+                "torch inter-op threads stay %d (already in use)", torch.get_num_interop_threads()
+            )
+    log.info(
+        "torch threads: %d (usable CPUs %d, loader workers %d)", n, usable_cpus(), loader_workers
+    )
+    return n
 
 
 def init_distributed(device: str | None = None) -> DistContext:

@@ -5,3 +5,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user (a file, a folder, a config key); the message names it and the problem."""
+
+
+class MachineError(UserError):
+    """The machine failed, not the data (a full disk, a busy folder, no memory): never recorded
+    as a verdict on a file; a rerun, once the machine is fixed, redoes the work."""

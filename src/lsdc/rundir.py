@@ -7,14 +7,15 @@ A run folder (``lsdc train --out RUN``) holds::
     RUN/class_prior.csv      smoothed class frequencies per label column (the fallback)
     RUN/oof.csv              out-of-fold probabilities of every trained fold
     RUN/metrics.csv          one row per (fold, epoch)
-    RUN/calibration.json     per-condition temperatures (``lsdc evaluate --calibrate``)
+    RUN/calibration.json     per-condition temperatures (``lsdc evaluate --run RUN``)
+    RUN/train.lock           the writer lock of ``lsdc train`` (the holder's pid; empty when free)
     RUN/fold{k}/last.pt      the latest epoch, with optimiser state (exact resume)
     RUN/fold{k}/best.pt      the served weights of the best epoch
     RUN/fold{k}/best.json    fold, seed, epoch, score of best.pt
     RUN/fold{k}/oof.csv      fold k's out-of-fold rows
     RUN/fold{k}/metrics.csv  fold k's epochs
 
-An export (``lsdc export``) keeps the same names, without ``last.pt``.
+An export (``lsdc export``) keeps the same names, without ``last.pt`` and the lock.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from lsdc.errors import UserError
 
 _FOLD_DIR = re.compile(r"fold(\d+)")
 
@@ -87,6 +90,11 @@ class RunDir:
     def calibration(self) -> Path:
         return self.root / "calibration.json"
 
+    @property
+    def lock_name(self) -> str:
+        """The writer lock's file name (``lsdc train`` holds it, ``lsdc export`` checks it)."""
+        return "train.lock"
+
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}", k)
 
@@ -102,3 +110,17 @@ class RunDir:
     def trained_folds(self) -> list[FoldDir]:
         """Folds whose served weights exist (``fold{k}/best.pt``), in fold order."""
         return [f for f in self.fold_dirs() if f.best.is_file()]
+
+    def checkpoints(self) -> dict[int, Path]:
+        """Fold -> ``fold{k}/best.pt`` of every trained fold, in fold order.
+
+        Raises:
+            UserError: the folder has none (the one "not a run" refusal).
+        """
+        paths = {f.fold: f.best for f in self.trained_folds()}
+        if not paths:
+            raise UserError(
+                f"{self.root}: no fold*/best.pt checkpoint; is it a finished lsdc train run "
+                "or an export of one?"
+            )
+        return paths

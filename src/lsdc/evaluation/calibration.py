@@ -17,7 +17,7 @@ prediction made by the serving code, with the TTA that will be served
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,32 +202,28 @@ def cross_fit(
 
 
 def served_oof_predictions(
-    run_dir: str | Path,
-    cache_dir: str | Path,
-    tta_flip: bool,
-    predict_fn: Callable[..., np.ndarray],
+    run_dir: str | Path, cache_dir: str | Path, tta_flip: bool
 ) -> pd.DataFrame:
     """Out-of-fold predictions made the way serving makes them: each trained fold's served model
-    on its own validation studies (``RUN/folds.csv``), through ``predict_fn`` (the serving code,
-    ``lsdc.inference.runs.predict_run``, passed in by the caller: evaluation does not import
-    inference) with ``tta_flip`` as ``lsdc predict`` will use it.
+    (:class:`lsdc.tasks.served.ServedRun`) on its own validation studies (``RUN/folds.csv``),
+    with ``tta_flip`` as ``lsdc predict`` will use it.
 
     Raises:
         UserError: the run has no folds.csv or no trained fold.
     """
+    from lsdc.tasks.served import ServedRun
+
     run = RunDir(run_dir)
     if not run.folds.is_file():
         raise UserError(f"{run.folds}: not found; is {run_dir} a run folder written by lsdc train?")
+    served = ServedRun(run_dir, cache_dir)
     folds = pd.read_csv(run.folds)
-    trained = [f.fold for f in run.trained_folds()]
-    if not trained:
-        raise UserError(f"{run_dir}: no fold*/best.pt; nothing to predict with")
     frames = []
-    for k in trained:
+    for k in served.folds:
         ids = folds.loc[folds["fold"] == k, "study_id"].astype(np.int64).tolist()
         if not ids:
             continue
-        probs = np.asarray(predict_fn(run_dir, cache_dir, ids, tta_flip=tta_flip, folds=[k]))
+        probs = served.predict(ids, tta=tta_flip, folds=[k])
         frame = pd.DataFrame(probs.reshape(-1, len(PRED_COLUMNS)), columns=list(PRED_COLUMNS))
         frame.insert(0, "row_id", all_row_ids(ids))
         frames.append(frame)

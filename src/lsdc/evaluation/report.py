@@ -19,7 +19,6 @@ then a few random ones) drawn by :mod:`lsdc.evaluation.viewer`, each linking to 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +70,6 @@ def evaluate_files(
     out_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     tta: str | None = None,
-    predict_fn: Callable[..., np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Score a prediction file named by paths (what ``lsdc evaluate`` does).
 
@@ -88,9 +86,9 @@ def evaluate_files(
             study gallery (pages in ``out_dir/studies``) and the localisation error.
         tta: ``none`` or ``flip``: instead of ``RUN/oof.csv``, re-make the out-of-fold
             predictions the way ``lsdc predict --tta`` serves them (each fold's model on its own
-            validation studies of ``cache_dir``, through ``predict_fn``), write them to
+            validation studies of ``cache_dir``, through :class:`lsdc.tasks.served.ServedRun`),
+            write them to
             ``out_dir/oof_served.csv``, and score and calibrate those.
-        predict_fn: the serving code (``lsdc.inference.runs.predict_run``), with ``tta``.
 
     Returns:
         The metrics written to metrics.json.
@@ -131,9 +129,7 @@ def evaluate_files(
         labels_path = Path(solution)
         labels = load_solution(labels_path)
     if tta is not None:
-        if predict_fn is None:
-            raise ValueError("tta needs predict_fn, the serving code")
-        served = served_oof_predictions(run, cache_dir, tta == "flip", predict_fn)
+        served = served_oof_predictions(run, cache_dir, tta == "flip")
         pred_path = write_csv_atomic(served, out / SERVED_OOF_FILE)
     viewer = None
     if cache_dir is not None:

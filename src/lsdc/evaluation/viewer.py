@@ -211,128 +211,6 @@ class StudyView:
         return weighted_log_loss(np.eye(3)[self.truth[rows]], self.probs[rows], weights)
 
 
-# ------------------------------------------------------------------------------ run the model
-@dataclass(frozen=True)
-class ModelOutput:
-    """What a run's model(s) say about one study: probabilities and, from a two-stage run, the
-    points and the crops cut around them."""
-
-    probs: np.ndarray
-    points: np.ndarray | None
-    crops: np.ndarray | None
-    crops_present: np.ndarray | None
-    source: str
-
-
-class RunModels:
-    """A run's fold models, loaded once on first use, served on the CPU.
-
-    A study in a trained fold's validation set is served by that fold's model alone (the model
-    that never saw it, as in ``oof.csv``); any other study by every fold, probabilities and points
-    averaged (the uncalibrated mean ``lsdc predict`` starts from).
-    """
-
-    def __init__(self, run_dir: str | Path, cache_dir: str | Path) -> None:
-        from lsdc.rundir import RunDir
-
-        self.run_dir, self.cache_dir = Path(run_dir), Path(cache_dir)
-        run = RunDir(self.run_dir)
-        check_input_dir(self.run_dir, "run")
-        self.checkpoints = {fold.fold: fold.best for fold in run.trained_folds()}
-        if not self.checkpoints:
-            raise UserError(
-                f"{self.run_dir}: no fold*/best.pt checkpoint; is it a finished lsdc train run?"
-            )
-        self.fold_of: dict[int, int] = {}
-        if run.folds.is_file():
-            folds = pd.read_csv(run.folds)
-            self.fold_of = {int(s): int(f) for s, f in zip(folds.study_id, folds.fold, strict=True)}
-        self._task: Any = None
-        self._models: dict[int, Any] = {}
-
-    def _load(self, fold: int) -> tuple[Any, Any, dict[str, Any]]:
-        from lsdc.checkpoint import load_checkpoint
-        from lsdc.config import config_from_dict
-        from lsdc.tasks.base import create_task
-
-        if fold not in self._models:
-            ckpt = load_checkpoint(self.checkpoints[fold], map_location="cpu")
-            if self._task is None:
-                config = config_from_dict(ckpt["config"])
-                self._task = create_task(config, self.cache_dir, data_root=None)
-            model = self._task.build_model(ckpt["task_state"])
-            model.load_state_dict(ckpt["model"])
-            self._models[fold] = (model.eval(), ckpt["task_state"])
-        model, state = self._models[fold]
-        return self._task, model, state
-
-    @property
-    def is_two_stage(self) -> bool:
-        """Whether the run's task has a stage 1 (points) and a stage 2 (crops)."""
-        from lsdc.tasks.two_stage import TwoStageTask
-
-        task, _, _ = self._load(min(self.checkpoints))
-        return isinstance(task, TwoStageTask)
-
-    def predict(self, study_id: int) -> ModelOutput:
-        """Run the study's fold model (or every fold) on the study."""
-        import torch
-        from torch.utils.data import default_collate
-
-        from lsdc.datasets.levels import study_crops
-        from lsdc.tasks.two_stage import TwoStageTask
-
-        own = self.fold_of.get(int(study_id))
-        if own in self.checkpoints:
-            folds = [own]
-            source = f"fold {own} model (out of fold: the study is in its validation set)"
-        else:
-            folds = sorted(self.checkpoints)
-            source = f"mean of the fold models {', '.join(map(str, folds))}"
-        probs, points = [], []
-        for fold in folds:
-            task, model, state = self._load(fold)
-            item = task.build_dataset(np.array([study_id]), state, train=False)[0]
-            batch = default_collate([item])
-            with torch.no_grad():
-                p, _ = task.probabilities(task.forward(model, batch), batch)
-                probs.append(p[0].float().numpy().astype(np.float64))
-                if isinstance(task, TwoStageTask):
-                    points.append(task.predicted_points(model, batch)[1][0])
-        if not points:
-            return ModelOutput(np.mean(probs, axis=0), None, None, None, source)
-        mean_points = np.mean(points, axis=0)
-        crops, present = study_crops(task.store, int(study_id), mean_points, task.spec)
-        return ModelOutput(np.mean(probs, axis=0), mean_points, crops, present, source)
-
-    def localization(self, data_root: str | Path) -> dict[str, Any] | None:
-        """A two-stage run's out-of-fold point errors (``localization_oof``) as JSON-ready
-        numbers: the summary per scoring group and the median / p90 per label; None when no
-        validation study has a labelled point."""
-        from lsdc.tasks.two_stage import localization_oof, summarize_localization
-
-        errors = localization_oof(self.run_dir, self.cache_dir, data_root)
-        if errors.empty:
-            return None
-        by_label = errors.groupby("label")["error_mm"]
-        per_label: dict[str, dict[str, dict[str, float] | None]] = {}
-        for condition in CONDITIONS:
-            per_label[condition] = {}
-            for level in LEVELS:
-                column = f"{condition}_{level}"
-                if column not in by_label.groups:
-                    per_label[condition][level] = None
-                    continue
-                values = by_label.get_group(column)
-                per_label[condition][level] = {
-                    "n": int(values.size),
-                    "median_mm": float(values.median()),
-                    "p90_mm": float(values.quantile(0.9)),
-                }
-        summary = summarize_localization(errors).to_dict(orient="records")
-        return {"summary": summary, "per_label": per_label}
-
-
 # --------------------------------------------------------------------------------- the viewer
 class StudyViewer:
     """Draws studies of one cache with one run's models and, where the root has them, labels.
@@ -349,10 +227,12 @@ class StudyViewer:
         self, run_dir: str | Path, cache_dir: str | Path, data_root: str | Path | None
     ) -> None:
         from lsdc.datasets.levels import StackStore
+        from lsdc.tasks.served import ServedRun
 
+        check_input_dir(Path(run_dir), "run")
         self.store = StackStore(cache_dir, in_memory=False)
-        self.models = RunModels(run_dir, cache_dir)
-        self.two_stage = self.models.is_two_stage  # a run that cannot load fails here, early
+        self.served = ServedRun(run_dir, cache_dir, device="cpu")
+        self.served.model(self.served.folds[0])  # a run that cannot load fails here, early
         self.data_root = None if data_root is None else Path(data_root)
         self.labels: pd.DataFrame | None = None
         self.coordinates: pd.DataFrame | None = None
@@ -370,11 +250,13 @@ class StudyViewer:
         self.listed = pd.concat(listings, ignore_index=True) if listings else None
 
     def localization(self) -> dict[str, Any] | None:
-        """Stage 1's out-of-fold error (:meth:`RunModels.localization`); None for a run without
-        a stage 1 or without the root's labelled points."""
-        if not self.two_stage or self.coordinates is None or self.data_root is None:
+        """Stage 1's out-of-fold error (:func:`lsdc.evaluation.localization.localization_summary`);
+        None for a run whose task locates nothing or without the root's labelled points."""
+        if self.coordinates is None or self.data_root is None:
             return None
-        return self.models.localization(self.data_root)
+        from lsdc.evaluation.localization import localization_summary
+
+        return localization_summary(self.served, self.data_root)
 
     def truth(self, study_id: int) -> np.ndarray | None:
         """(25,) class indices of a study in train.csv; None for any other study."""
@@ -430,7 +312,7 @@ class StudyViewer:
                 f"study {study_id}: not in {self.store.cache_dir / 'index.csv'} nor in any "
                 "{train,test}_series_descriptions.csv of the data root"
             )
-        output = self.models.predict(study_id)
+        output = self.served.explain(study_id)
         labelled = None
         if self.coordinates is not None and self.truth(study_id) is not None:
             from lsdc.datasets.levels import label_points_mm

@@ -18,9 +18,11 @@ the served weights, what turns them into a submission, and lsdc itself. An expor
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,14 +34,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import torch
+
 from lsdc.checkpoint import load_checkpoint, save_checkpoint
+from lsdc.config import read_config_dict
 from lsdc.errors import UserError
 from lsdc.rundir import FoldDir, RunDir
-from lsdc.utils import check_input_dir, check_output_dir, write_text_atomic
+from lsdc.utils import (
+    check_input_dir,
+    check_output_dir,
+    disk_errors,
+    reader_lock,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
 
 DISTRIBUTION = "lsdc"
 SERVED_KEYS = ("model", "config", "task_state")
-"""The entries of ``best.pt`` that serving reads (lsdc.inference.runs.predict_run)."""
+"""The entries of ``best.pt`` that serving reads (:class:`lsdc.tasks.served.ServedRun`)."""
 
 WHEEL_DIR = "wheels"
 REQUIREMENTS = "requirements.txt"
@@ -66,20 +79,37 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def check_exportable(run_dir: Path) -> list[FoldDir]:
+def check_exportable(run_dir: Path, allow_unfinished: bool = False) -> list[FoldDir]:
     """The folds of a finished run, or a one-line error saying what is missing.
 
+    A run is finished when every fold its config trains (all of ``folds.n_folds``, or the one
+    ``folds.fold`` names) has a folder whose ``last.pt`` says finished; an export (no
+    ``last.pt``) serves its ``best.pt`` as it is. With ``allow_unfinished`` the folds that have
+    weights are exported as they are, each unfinished one logged.
+
     Raises:
-        UserError: not a run folder, no fold, or a fold folder without its weights.
+        UserError: not a run folder, no fold, a fold without its weights, or (unless
+            ``allow_unfinished``) an unfinished fold, named.
     """
     run = RunDir(run_dir)
     check_input_dir(run.root, "run")
     for path, what in ((run.config, "config"), (run.class_prior, "class prior")):
         if not path.is_file():
             raise UserError(f"{path}: missing (the run's {what}); is {run.root} an lsdc train run?")
+    unfinished = _unfinished_folds(run)
+    if unfinished and not allow_unfinished:
+        fold, why = unfinished[0]
+        raise UserError(
+            f"{run.root}: fold {fold} is not finished ({why}); finish it (lsdc train --resume) "
+            "or pass --allow-unfinished to export the folds as they are"
+        )
+    for fold, why in unfinished:
+        log.warning("%s: exporting without finished fold %d (%s)", run.root, fold, why)
     folds = run.fold_dirs()
+    if allow_unfinished:
+        folds = [f for f in folds if f.best.is_file()]
     if not folds:
-        raise UserError(f"{run.root}: no fold folder; is it an lsdc train run folder?")
+        raise UserError(f"{run.root}: no fold folder with weights; is it an lsdc train run folder?")
     for fold in folds:
         if not fold.best.is_file():
             raise UserError(
@@ -87,6 +117,38 @@ def check_exportable(run_dir: Path) -> list[FoldDir]:
                 "run (lsdc train --resume) or remove that fold folder"
             )
     return folds
+
+
+def _unfinished_folds(run: RunDir) -> list[tuple[int, str]]:
+    """(fold, why) for each fold the run's config trains that is not finished."""
+    config = read_config_dict(run.config)["folds"]
+    expected = range(config["n_folds"]) if config["fold"] is None else [config["fold"]]
+    present = {f.fold: f for f in run.fold_dirs()}
+    unfinished = []
+    for k in sorted({*expected, *present}):
+        fold = present.get(k)
+        if fold is None:
+            unfinished.append((k, f"{run.fold(k).root} does not exist: not trained yet"))
+        elif fold.last.is_file():
+            state = _read_last(fold.last)
+            if not state.get("finished", False):
+                epoch = state.get("epoch", -1) + 1
+                unfinished.append((k, f"{fold.last}: {epoch} epoch(s) done, not finished"))
+        elif not fold.best.is_file():
+            unfinished.append((k, f"{fold.root} holds no checkpoint yet"))
+    return unfinished
+
+
+def _read_last(path: Path) -> dict:
+    """A ``last.pt`` memory-mapped (its counters only are read, not its optimiser's tensors).
+
+    Raises:
+        UserError: unreadable.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def _export_run(run_dir: Path, dest: Path, folds: list[FoldDir]) -> None:
@@ -119,8 +181,6 @@ def source_root() -> Path:
     Raises:
         UserError: lsdc was installed from a wheel or an index: there is no source to build.
     """
-    import lsdc
-
     candidates = []
     try:
         direct = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
@@ -130,14 +190,15 @@ def source_root() -> Path:
         url = urlparse(json.loads(direct).get("url", ""))
         if url.scheme == "file":
             candidates.append(Path(unquote(url.path)))
-    candidates.extend(Path(lsdc.__file__).resolve().parents[1:3])
+    package = Path(__file__).resolve().parents[1]  # lsdc/, found without importing the face
+    candidates.extend(package.parents[0:2])
     for folder in candidates:
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and _NAME_LINE.search(pyproject.read_text()):
             return folder
     raise UserError(
         f"cannot find the lsdc source to build its wheel (lsdc is imported from "
-        f"{Path(lsdc.__file__).parent}, not from a source checkout); pass --no-wheel and ship "
+        f"{package}, not from a source checkout); pass --no-wheel and ship "
         "the wheel you installed lsdc from"
     )
 
@@ -223,22 +284,31 @@ def _readme(run_names: Sequence[str], wheel: Path | None, version: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ the export
+EXPORT_BUSY = "lsdc train (pid {pid}) is writing this run; export it once the training has ended"
+
+
 def export_runs(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, wheel: bool = True
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    wheel: bool = True,
+    allow_unfinished: bool = False,
 ) -> ExportResult:
     """Write the export of ``run_dirs`` to ``out_dir`` (see the module docstring).
 
     Everything is written into a temporary folder beside ``out_dir`` and renamed onto it at the
-    end: an interrupted export leaves no half-written folder.
+    end: an interrupted export leaves no half-written folder. Each run's lock
+    (``RUN/train.lock``) is held shared for the whole export: a run being trained is refused,
+    and no training starts into it while it is copied.
 
     Args:
         run_dirs: finished run folders (lsdc train); their folder names must differ.
         out_dir: a new or empty folder.
         wheel: also build the lsdc wheel (needs lsdc's source; see :func:`source_root`).
+        allow_unfinished: export the folds of an unfinished run that have weights.
 
     Raises:
-        UserError: an incomplete run, two runs of the same name, a non-empty ``out_dir``, or no
-            source to build the wheel from.
+        UserError: a run being trained, an unfinished or incomplete run, two runs of the same
+            name, a non-empty ``out_dir``, or no source to build the wheel from.
     """
     out = check_output_dir(out_dir, "--out").absolute()
     if out.is_dir() and any(out.iterdir()):
@@ -249,29 +319,53 @@ def export_runs(
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"two runs share a folder name ({names}); export them separately")
-    folds = [check_exportable(r) for r in runs]
+    with contextlib.ExitStack() as locks:
+        for r in runs:
+            locks.enter_context(reader_lock(r, RunDir(r).lock_name, EXPORT_BUSY))
+        folds = [check_exportable(r, allow_unfinished) for r in runs]
+        return _write_export(runs, names, folds, out, wheel)
+
+
+def _write_export(
+    runs: list[Path], names: list[str], folds: list[list[FoldDir]], out: Path, wheel: bool
+) -> ExportResult:
     version = importlib.metadata.version(DISTRIBUTION)
     requirements = runtime_requirements()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    with disk_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        for run, name, run_folds in zip(runs, names, folds, strict=True):
-            _export_run(run, staging / name, run_folds)
-        built = build_wheel(staging / WHEEL_DIR) if wheel else None
-        header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
-        write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
-        write_text_atomic(_readme(names, built, version), staging / README)
+        with disk_errors(out.parent):
+            _fill_staging(runs, names, folds, staging, wheel, version, requirements)
         if out.is_dir():
             out.rmdir()
         os.replace(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    built = next((out / WHEEL_DIR).glob(f"{DISTRIBUTION}-*.whl"), None) if wheel else None
     return ExportResult(
         out_dir=out,
         runs=[out / n for n in names],
-        wheel=None if built is None else out / WHEEL_DIR / built.name,
+        wheel=built,
         runs_bytes=sum(folder_bytes(r) for r in runs),
         export_bytes=folder_bytes(out),
     )
+
+
+def _fill_staging(
+    runs: list[Path],
+    names: list[str],
+    folds: list[list[FoldDir]],
+    staging: Path,
+    wheel: bool,
+    version: str,
+    requirements: list[str],
+) -> None:
+    """Write every file of the export into ``staging``."""
+    for run, name, run_folds in zip(runs, names, folds, strict=True):
+        _export_run(run, staging / name, run_folds)
+    built = build_wheel(staging / WHEEL_DIR) if wheel else None
+    header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
+    write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
+    write_text_atomic(_readme(names, built, version), staging / README)

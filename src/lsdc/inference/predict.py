@@ -13,7 +13,7 @@ the prior (docs/reliability.md).
 
 The chain: list the studies (``{split}_series_descriptions.csv`` and, for the test split,
 ``sample_submission.csv``) -> preprocess into a temporary cache (``lsdc.preprocessing.cache``) -> for each
-run, the mean over its fold checkpoints (``lsdc.inference.runs.predict_run``, optionally with
+run, the mean over its fold checkpoints (:meth:`lsdc.tasks.served.ServedRun.predict`, optionally with
 left-right flip TTA), that run's temperatures (``RUN/calibration.json``) -> mean over runs ->
 prior fallback -> the file, in ``sample_submission.csv``'s row order when that file exists.
 """
@@ -43,7 +43,7 @@ from lsdc.contract import (
     parse_row_id,
     write_csv_atomic,
 )
-from lsdc.errors import UserError
+from lsdc.errors import MachineError, UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
@@ -121,8 +121,7 @@ def prior_submission(run_dir: str | Path, row_ids: Sequence[str]) -> pd.DataFram
 def check_run(run_dir: str | Path) -> Path:
     """Refuse early what cannot be a run, before any minute is spent preprocessing."""
     run_dir = check_input_dir(run_dir, "run")
-    if not RunDir(run_dir).trained_folds():
-        raise UserError(f"{run_dir}: no fold*/best.pt checkpoint; is it a finished lsdc train run?")
+    RunDir(run_dir).checkpoints()
     return run_dir
 
 
@@ -341,7 +340,8 @@ def predict_split(
             configs, a missing device, a bad worker count, an unusable cache, preprocessing that
             crashes), give the studies concerned the class prior, with a warning and a report
             line, instead of refusing.
-        predict_fn: stand-in for ``lsdc.inference.runs.predict_run`` (tests).
+        predict_fn: stand-in for the served runs' ``predict`` (tests), called as
+            :data:`PredictRunFn`.
         check_descriptions: also compare each listed series' description with the role its
             DICOM headers give, warn where they disagree and write ``series_roles.csv``
             beside the submission (:func:`lsdc.inference.dicom_input.check_descriptions`).
@@ -351,7 +351,7 @@ def predict_split(
             written, or (without ``allow_fallback``) one of the tool failures above. Nothing
             about the images themselves raises: bad series degrade to the prior and a report line.
     """
-    from lsdc.inference.runs import check_folds
+    from lsdc.tasks.served import ServedRun
 
     data_root, out_path = Path(data_root), Path(out_path)
     check_output_file(out_path, "--out")
@@ -366,25 +366,28 @@ def predict_split(
                 f"here to predictions {'with' if tta_flip else 'without'}; refit it with lsdc "
                 "evaluate --run RUN --cache CACHE --tta as served"
             )
-    if predict_fn is None:
-        from lsdc.inference.runs import predict_run as predict_fn
     for_all, device = _tool_problems(cache_dir, split, workers, device, allow_fallback)
-    for_run: dict[Path, str] = {}
-    for run in runs:
-        try:
-            check_folds(run)
-        except UserError as exc:
-            for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
-    row_ids, series = list_studies(data_root, split)
-    study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
-    if check_descriptions:
-        from lsdc.inference.dicom_input import ROLES_NAME
-        from lsdc.inference.dicom_input import check_descriptions as check
-
-        write_csv_atomic(check(data_root, split), out_path.parent / ROLES_NAME)
-
     with tempfile.TemporaryDirectory(prefix="lsdc-predict-") as tmp:
         cache = Path(cache_dir) if cache_dir is not None else Path(tmp) / "cache"
+        served: dict[Path, ServedRun] = {}
+        for_run: dict[Path, str] = {}
+        for run in runs:
+            try:
+                served[run] = ServedRun(run, cache, device)
+            except UserError as exc:
+                for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
+
+        def serve(run_dir: Path, cache_dir: Path, ids: list[int], **kw: object) -> np.ndarray:
+            return served[run_dir].predict(ids, tta=bool(kw.get("tta_flip")))
+
+        row_ids, series = list_studies(data_root, split)
+        study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
+        if check_descriptions:
+            from lsdc.inference.dicom_input import ROLES_NAME
+            from lsdc.inference.dicom_input import check_descriptions as check
+
+            write_csv_atomic(check(data_root, split), out_path.parent / ROLES_NAME)
+
         listed_ids = [s for s in study_ids if s in set(series["study_id"])]
         if listed_ids and not for_all:
             problem = _preprocess(
@@ -401,7 +404,7 @@ def predict_split(
                 run_failures = dict.fromkeys(usable, f"{run.name}: {for_run[run]}")
             else:
                 probs, run_failures = _run_predictions(
-                    predict_fn, run, cache, usable, tta_flip, device
+                    predict_fn or serve, run, cache, usable, tta_flip, device
                 )
             per_run.append(probs)
             for sid, msg in run_failures.items():
@@ -495,7 +498,7 @@ def _preprocess(
     prior; a failure of the tools (the cache busy, a crashed worker, a full disk) is refused
     unless the fallback was asked for.
     """
-    from lsdc.preprocessing.cache import CacheBusyError, preprocess_split
+    from lsdc.preprocessing.cache import preprocess_split
 
     try:
         t0 = time.perf_counter()
@@ -508,7 +511,7 @@ def _preprocess(
                 file=sys.stderr,
             )
         return ""
-    except CacheBusyError as exc:
+    except MachineError as exc:  # the cache busy, a full disk: the tools, not the data
         return _refuse_or_fall_back(str(exc), allow_fallback)
     except UserError as exc:
         problem = f"preprocessing failed: {exc}"

@@ -2,8 +2,9 @@
 
 Every crop (a few slices of a fixed field in mm, see ``lsdc.datasets.crops``) becomes one feature
 vector through a crop encoder, which is what the grader names choose: ``level_grader`` runs a 2D
-ResNet on each slice and pools the slices by attention or a GRU; ``resnet3d`` and ``vit`` read the
-crop as one 3D volume (crop_slices x size x size). The rest is shared (:class:`LevelGrader`): a
+network (a MONAI ResNet or any timm model) on each slice and pools the slices by attention or a
+GRU; ``level_grader_25d`` reads the slices as the channels of one image through a timm model
+(2.5D); ``resnet3d`` and ``vit`` read the crop as one 3D volume (crop_slices x size x size). The rest is shared (:class:`LevelGrader`): a
 learned embedding of the crop's level is added, each crop's features are mixed with those of its
 level and its study (``context``), and one head per scoring group (spinal, foraminal,
 subarticular) gives three logits. Right-sided crops arrive mirrored onto the left, so one set of
@@ -13,7 +14,6 @@ weights grades both sides and sees twice the examples. Input ``(B, 25, S, H, W)`
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ from lsdc.contract import CONDITION_GROUP, CONDITIONS, LEVELS, N_CLASSES, N_LABE
 from lsdc.errors import UserError
 from lsdc.models.encoders import Encoder, ResNetEncoder, ViTEncoder
 from lsdc.models.registry import register_model
+from lsdc.models.timm_backbones import TIMM_PREFIX, create_timm, pooled_width, timm_name
 
 GROUPS: tuple[str, ...] = ("spinal", "foraminal", "subarticular")
 
@@ -68,6 +69,7 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(features, features // 2 or 1), nn.Tanh())
         self.weight = nn.Linear(features // 2 or 1, 1)
+        self.out_features = features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, S, F)`` -> ``(N, F)``."""
@@ -88,21 +90,52 @@ class GRUPool(nn.Module):
         return out.mean(dim=1)
 
 
+def slice_pooling(features: int, pooling: str) -> nn.Module:
+    """The pooling over a crop's slices: ``"attention"`` or ``"gru"``; ``out_features`` set."""
+    if pooling == "attention":
+        return AttentionPool(features)
+    if pooling == "gru":
+        return GRUPool(features)
+    raise UserError(
+        f"config key 'model.params.pooling': unknown pooling {pooling!r}; use 'attention' or 'gru'"
+    )
+
+
+def timm_backbone(backbone: str, in_chans: int, pretrained: str | None) -> nn.Module:
+    """A timm model (``backbone: timm:<name>``) as an encoder of ``in_chans``-channel images
+    into pooled features (``num_classes=0``), initialised from the local file ``pretrained``."""
+    name = timm_name(backbone, "model.params.backbone")
+    return create_timm(
+        name, "model.params", pretrained=pretrained, in_chans=in_chans, num_classes=0
+    )
+
+
 class SliceCropEncoder(nn.Module):
     """A 2D backbone on every slice of a crop, then pooled over slices: ``(N, S, H, W)`` ->
     ``(N, out_features)``.
 
     Args:
         backbone: ``"monai_resnet"`` (a 2D MONAI ResNet of ``layers`` x ``widths``) or
-            ``"timm:<name>"`` (needs timm; offline, no pretrained download).
+            ``"timm:<name>"`` (any timm 2D model, one input channel).
         pooling: ``"attention"`` or ``"gru"`` over slices.
+        pretrained: a local weights file for the timm backbone (:mod:`lsdc.models.timm_backbones`).
     """
 
     def __init__(
-        self, backbone: str, layers: Sequence[int], widths: Sequence[int], pooling: str
+        self,
+        backbone: str,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        pooling: str,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if backbone == "monai_resnet":
+            if pretrained is not None:
+                raise UserError(
+                    "config key 'model.params.pretrained' needs a timm backbone "
+                    "(model.params.backbone: timm:<name>); a MONAI ResNet takes model.weights"
+                )
             self.net: nn.Module = ResNet(
                 block="basic",
                 layers=list(layers),
@@ -115,30 +148,36 @@ class SliceCropEncoder(nn.Module):
                 feed_forward=False,
             )
             features = int(widths[-1])
-        elif backbone.startswith("timm:"):
-            if importlib.util.find_spec("timm") is None:
-                raise UserError(f"backbone {backbone!r} needs timm, which is not installed")
-            import timm
-
-            self.net = timm.create_model(
-                backbone.split(":", 1)[1], pretrained=False, in_chans=1, num_classes=0
+        elif backbone.startswith(TIMM_PREFIX):
+            self.net = timm_backbone(backbone, 1, pretrained)
+            features = pooled_width(self.net)
+        else:
+            raise UserError(
+                f"config key 'model.params.backbone': unknown backbone {backbone!r}; use "
+                "'monai_resnet' or 'timm:<name>'"
             )
-            features = int(self.net.num_features)
-        else:
-            raise UserError(f"unknown backbone {backbone!r}; use 'monai_resnet' or 'timm:<name>'")
-        if pooling == "attention":
-            self.pool: nn.Module = AttentionPool(features)
-            self.out_features = features
-        elif pooling == "gru":
-            self.pool = GRUPool(features)
-            self.out_features = self.pool.out_features
-        else:
-            raise UserError(f"unknown pooling {pooling!r}; use 'attention' or 'gru'")
+        self.pool = slice_pooling(features, pooling)
+        self.out_features = int(self.pool.out_features)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         n, n_slices, h, w = crops.shape
         features = self.net(crops.reshape(n * n_slices, 1, h, w))
         return self.pool(features.view(n, n_slices, -1))
+
+
+class ChannelCropEncoder(nn.Module):
+    """2.5D: a timm 2D model reading a crop's slices as the channels of one image
+    (``in_chans = crop_slices``; timm adapts a pretrained RGB stem): ``(N, S, H, W)`` ->
+    ``(N, out_features)``. The first convolution already compares neighbouring slices, at the
+    cost of one image per crop instead of one per slice."""
+
+    def __init__(self, backbone: str, n_slices: int, pretrained: str | None = None) -> None:
+        super().__init__()
+        self.net = timm_backbone(backbone, n_slices, pretrained)
+        self.out_features = pooled_width(self.net)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.net(crops)
 
 
 class VolumeCropEncoder(nn.Module):
@@ -231,14 +270,44 @@ def level_grader(
     layers: Sequence[int] = (1, 1, 1, 1),
     widths: Sequence[int] = (16, 32, 64, 128),
     pooling: str = "attention",
+    pretrained: str | None = None,
 ) -> LevelGrader:
-    """The default grader: a 2D ResNet on every crop slice, pooled over slices
-    (:class:`SliceCropEncoder`)."""
-    return LevelGrader(
-        SliceCropEncoder(backbone, layers, widths, pooling),
-        crop_shape,
-        GraderHead.from_mapping(head),
-    )
+    """The default grader: a 2D network on every crop slice, pooled over slices
+    (:class:`SliceCropEncoder`): a MONAI ResNet of ``widths`` x ``layers``, or any timm model
+    (``backbone: timm:<name>``, initial weights from the local file ``pretrained``)."""
+    encoder = SliceCropEncoder(backbone, layers, widths, pooling, pretrained)
+    if backbone.startswith(TIMM_PREFIX):
+        _check_crop_fits(encoder, backbone, crop_shape)
+    return LevelGrader(encoder, crop_shape, GraderHead.from_mapping(head))
+
+
+@register_model(role="grader")
+def level_grader_25d(
+    crop_shape: Sequence[int] = (3, 16, 16),
+    head: HeadMapping = None,
+    backbone: str = "timm:test_resnet",
+    pretrained: str | None = None,
+) -> LevelGrader:
+    """2.5D: a timm model reading each crop's slices as its input channels
+    (:class:`ChannelCropEncoder`; ``in_chans`` = ``crop_slices``, a pretrained RGB stem adapted
+    by timm). The default backbone is timm's smallest test ResNet; name a real one."""
+    encoder = ChannelCropEncoder(backbone, int(crop_shape[0]), pretrained)
+    _check_crop_fits(encoder, backbone, crop_shape)
+    return LevelGrader(encoder, crop_shape, GraderHead.from_mapping(head))
+
+
+def _check_crop_fits(encoder: nn.Module, backbone: str, crop_shape: Sequence[int]) -> None:
+    """Refuse a crop too small for a timm network's down-sampling (a ConvNeXt's unpadded
+    stride-2 convolutions need 32 px) now, in one line, rather than at the first batch."""
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(1, *(int(s) for s in crop_shape)))
+    except RuntimeError as exc:
+        raise UserError(
+            f"config key 'task_params.crop_size': {backbone} cannot read a crop of "
+            f"{tuple(crop_shape)[1:]} px ({str(exc).splitlines()[0]}); use a larger crop"
+        ) from exc
+    encoder.train()
 
 
 @register_model(role="grader")

@@ -9,7 +9,8 @@ patient millimetres through the stack's geometry, which lets points from differe
 
 The network is chosen by name (``task_params.localizer.name``) among the ``localizer`` models
 registered below: ``basicunet`` (the default), ``unet``, ``segresnet``, ``dynunet`` and
-``swinunetr``. Every one goes through :class:`HeatmapLocalizer`, which hides their quirks: the
+``swinunetr``, and ``timm_unet``, a 2D U-Net (segmentation-models-pytorch over any timm encoder)
+run on every slice of the grid, whose per-slice heatmaps stack into the same 3D heatmap. Every one goes through :class:`HeatmapLocalizer`, which hides their quirks: the
 coordinate channels, zero padding up to the multiple of the grid a network needs (cropped off
 again, so no heatmap is resampled), and DynUNet's deep-supervision outputs in training.
 """
@@ -41,7 +42,8 @@ class HeatmapLocalizer(nn.Module):
             DynUNet's stacked outputs, each already at full size).
         n_points: heatmap channels (one per point to find).
         grid: the (D, H, W) grid the localizer is built for (``data.volume_size``).
-        size_multiple: every padded axis is a multiple of it (the network's total stride).
+        size_multiple: every padded axis is a multiple of it (the network's total stride); one
+            per axis for a network that strides some axes only (a 2D one: 1 across slices).
         deep_supervision: extra lower-resolution heads the network outputs in training.
     """
 
@@ -50,20 +52,24 @@ class HeatmapLocalizer(nn.Module):
         net: nn.Module,
         n_points: int,
         grid: Sequence[int],
-        size_multiple: int = 1,
+        size_multiple: int | Sequence[int] = 1,
         deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
         self.n_points = n_points
         self.grid = tuple(int(g) for g in grid)
-        self.size_multiple = int(size_multiple)
+        multiple = (
+            (size_multiple,) * len(self.grid) if isinstance(size_multiple, int) else size_multiple
+        )
+        self.size_multiple = tuple(int(m) for m in multiple)
         self.deep_supervision = int(deep_supervision)
 
     def padded_grid(self, grid: Sequence[int]) -> tuple[int, ...]:
-        """The grid the network runs on: each axis rounded up to ``size_multiple``."""
-        m = self.size_multiple
-        return tuple(math.ceil(int(n) / m) * m for n in grid)
+        """The grid the network runs on: each axis rounded up to its ``size_multiple``."""
+        return tuple(
+            math.ceil(int(n) / m) * m for n, m in zip(grid, self.size_multiple, strict=True)
+        )
 
     def heatmaps(self, image: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 1, *grid)`` -> heatmap logits ``(B, n_points, *grid)``: the output, then (in
@@ -317,3 +323,108 @@ def swinunetr(
         norm_name=("group", {"num_groups": 12}),
     )
     return HeatmapLocalizer(net, n_points, grid, size_multiple=32)
+
+
+class SliceUNet(nn.Module):
+    """A 2D segmentation network on every slice of the grid, as a 3D heatmap network:
+    ``(B, IN_CHANNELS, D, H, W)`` -> ``(B, n_points, D, H, W)``.
+
+    Slice k is read with ``context_slices`` neighbours on each side as channels (zeros beyond
+    the ends) and its three coordinate planes; the slice coordinate tells the network which side
+    of the spine a sagittal slice shows. The per-slice logits stack along the slice axis, so the
+    spatial softmax and soft-argmax of :func:`soft_argmax` compare every voxel of every slice:
+    the served point is the same (slice, row, col) a 3D localizer gives.
+    """
+
+    def __init__(self, net: nn.Module, context_slices: int) -> None:
+        super().__init__()
+        self.net = net
+        self.context_slices = int(context_slices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d, h, w = x.shape
+        c = self.context_slices
+        image = F.pad(x[:, 0], (0, 0, 0, 0, c, c))  # (B, D + 2c, H, W)
+        neighbours = torch.stack([image[:, k : k + 2 * c + 1] for k in range(d)], dim=1)
+        coords = x[:, 1:].permute(0, 2, 1, 3, 4)  # (B, D, 3, H, W)
+        slices = torch.cat([neighbours, coords], dim=2).flatten(0, 1)
+        out = self.net(slices)  # (B * D, K, H, W)
+        return out.unflatten(0, (b, d)).transpose(1, 2)
+
+
+@register_model(role="localizer")
+def timm_unet(
+    n_points: int = N_LABELS,
+    grid: Sequence[int] = (16, 32, 32),
+    encoder: str = "test_resnet",
+    encoder_depth: int = 3,
+    decoder_channels: Sequence[int] = (32, 16, 8),
+    context_slices: int = 1,
+    pretrained: str | None = None,
+) -> HeatmapLocalizer:
+    """A segmentation-models-pytorch U-Net over the timm ``encoder`` (``tu-<name>``), on every
+    slice (:class:`SliceUNet`): ``encoder_depth`` stages (1-5, each halving the slice), one
+    decoder width per stage, ``2 * context_slices + 1`` image channels plus three coordinate
+    channels (timm adapts a pretrained RGB stem to them). ``pretrained``: a local weights file
+    of the encoder (:mod:`lsdc.models.timm_backbones`). The default encoder is timm's smallest
+    test ResNet; name a real one."""
+    import segmentation_models_pytorch as smp
+
+    from lsdc.models.timm_backbones import (
+        LOADING_ERRORS,
+        check_timm_name,
+        weights_file,
+        weights_mismatch,
+    )
+
+    key = "task_params.localizer.params"
+    if len(decoder_channels) != encoder_depth:
+        raise UserError(
+            f"config key '{key}.decoder_channels': {len(decoder_channels)} widths for "
+            f"encoder_depth {encoder_depth}; give one per stage"
+        )
+    if context_slices < 0:
+        raise UserError(f"config key '{key}.context_slices' must be >= 0, got {context_slices}")
+    check_timm_name(encoder, f"{key}.encoder")
+    path = weights_file(pretrained, key)
+    in_channels = 2 * context_slices + 1 + IN_CHANNELS - 1
+    try:
+        net = smp.Unet(
+            encoder_name=f"tu-{encoder}",
+            encoder_depth=encoder_depth,
+            encoder_weights=None if path is None else True,
+            decoder_channels=tuple(decoder_channels),
+            in_channels=in_channels,
+            classes=n_points,
+            pretrained_cfg_overlay=None if path is None else {"file": str(path)},
+        )
+    except LOADING_ERRORS as exc:
+        if path is None:
+            raise UserError(
+                f"config key '{key}.encoder': no U-Net over {encoder!r} ({exc}); use a "
+                "convolutional timm encoder"
+            ) from exc
+        raise UserError(
+            weights_mismatch(encoder, key, path, {"in_chans": in_channels}, exc)
+        ) from exc
+    stride = 2**encoder_depth
+    _check_bottleneck("timm_unet", grid[1:], stride)
+    _freeze_unreached(net, in_channels, stride)
+    return HeatmapLocalizer(
+        SliceUNet(net, context_slices), n_points, grid, size_multiple=(1, stride, stride)
+    )
+
+
+def _freeze_unreached(net: nn.Module, in_channels: int, stride: int) -> None:
+    """Freeze the parameters no output depends on: timm's feature extraction keeps the block
+    after the last stage of some encoders (EfficientNet below depth 5), and a parameter without
+    a gradient would stop DistributedDataParallel. Found by one small forward and backward in
+    eval mode (which leaves the norms' running statistics, pretrained ones too, as they are)."""
+    net.eval()
+    net.zero_grad(set_to_none=True)
+    net(torch.zeros(1, in_channels, 2 * stride, 2 * stride)).sum().backward()
+    for param in net.parameters():
+        if param.grad is None:
+            param.requires_grad_(False)
+    net.zero_grad(set_to_none=True)
+    net.train()

@@ -17,13 +17,11 @@ lists these promises and the tests that hold them.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +32,20 @@ import pandas as pd
 from tqdm import tqdm
 
 from lsdc.contract import SPLITS, load_series_descriptions, write_csv_atomic
-from lsdc.errors import UserError
+from lsdc.errors import MachineError, UserError
 from lsdc.preprocessing.dicom import SeriesReadError, Volume, read_series
 from lsdc.preprocessing.geometry import StackGeometry, canonical_in_plane
-from lsdc.utils import atomic_path, check_output_dir, init_worker, read_json, write_json_atomic
+from lsdc.utils import (
+    FolderBusyError,
+    atomic_path,
+    disk_errors,
+    init_worker,
+    is_machine_failure,
+    read_json,
+    worker_context,
+    write_json_atomic,
+    writer_lock,
+)
 
 CACHE_FORMAT = 2
 """Version of the cache layout: 2 puts every stack in the canonical in-plane orientation and
@@ -353,13 +361,16 @@ def cache_series(
 ) -> list[dict[str, Any]]:
     """Read one series and write its entry atomically; return its report rows.
 
-    Runs in a worker process. Any failure of this one series, expected (bad files) or not,
-    becomes an error row, so the run goes on.
+    Runs in a worker process. Any failure of this one series' files, expected (bad files) or
+    not, becomes an error row, so the run goes on. A failure of the machine (a full disk, no
+    memory, a permission, :func:`lsdc.utils.is_machine_failure`) is raised instead and nothing
+    is published: it says nothing about the series, and a rerun redoes it.
     """
     folder = images / str(study_id) / str(series_id)
     final = cache_dir / str(study_id) / str(series_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{series_id}-", dir=final.parent))
+    with disk_errors(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{series_id}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the entry private once renamed
@@ -373,7 +384,14 @@ def cache_series(
             ]
         except SeriesReadError as exc:
             rows = [_error_row(base, str(exc))]
+        except MemoryError:
+            raise MachineError(
+                f"{folder}: out of memory while reading this series (nothing recorded; rerun "
+                "with fewer --workers or on a machine with more memory)"
+            ) from None
         except Exception as exc:  # one series' surprise must not stop a 6,000-series run
+            if is_machine_failure(exc):
+                raise  # the machine's failure is no verdict on the series: a rerun redoes it
             for leftover in tmp.iterdir():
                 leftover.unlink()
             rows = [_error_row(base, f"{folder}: unexpected {type(exc).__name__}: {exc}")]
@@ -398,7 +416,8 @@ def _write_stack(
     array, geometry, (flip_rows, flip_columns) = canonical_in_plane(volume.array, volume.geometry)
     if spacing is not None:
         array, geometry = resample_stack(array, geometry, spacing)
-    np.save(folder / f"{stack}.npy", array, allow_pickle=False)
+    with disk_errors(folder.parent, array.nbytes):
+        np.save(folder / f"{stack}.npy", array, allow_pickle=False)
     meta = {**volume.meta, "series_description": base["series_description"]}
     sidecar = {
         "format": CACHE_FORMAT,
@@ -437,7 +456,7 @@ def _error_row(base: dict[str, Any], message: str) -> dict[str, Any]:
     }
 
 
-class CacheBusyError(UserError):
+class CacheBusyError(FolderBusyError):
     """Another run holds the cache's writer lock."""
 
 
@@ -486,42 +505,20 @@ def _remove_partial_entries(cache_dir: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def cache_lock(cache_dir: Path) -> Iterator[None]:
-    """Hold the cache's writer lock (``flock`` on ``LOCK_NAME``) for the block.
-
-    A second run refuses at once, naming the pid of the run that holds the lock, instead of
-    deleting that run's temporary entries. The lock file is emptied when the block ends; a run
-    killed inside it leaves its pid in the file but no lock (the kernel drops it).
+def cache_lock(cache_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the cache's writer lock (``LOCK_NAME``, :func:`lsdc.utils.writer_lock`) for the
+    block: a second run refuses at once, naming the holder's pid, instead of deleting that run's
+    temporary entries.
 
     Raises:
         UserError: the cache path is a file or cannot be written.
         CacheBusyError: another run holds the lock.
     """
-    check_output_dir(cache_dir, "--cache")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise UserError(f"{cache_dir}: --cache cannot be written ({exc.strerror})") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise CacheBusyError(
-                f"{cache_dir}: another lsdc preprocess (pid {holder}) is writing this cache; "
-                "wait for it to end, or use another --cache"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    busy = (
+        "another lsdc preprocess (pid {pid}) is writing this cache; "
+        "wait for it to end, or use another --cache"
+    )
+    return writer_lock(cache_dir, LOCK_NAME, "--cache", busy, CacheBusyError)
 
 
 def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str) -> None:
@@ -530,30 +527,29 @@ def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: 
     Pool workers die with this process (:func:`lsdc.utils.init_worker`); on any exit from
     here (an error, Ctrl-C) the series not started are cancelled and the running ones waited
     for, so no worker writes into the cache once this returns or raises (and the lock is let go).
-    A ``spawn`` pool: the caller may run threads (tqdm's monitor, torch) whose locks a forked
-    child could inherit held.
+    The pool starts by :func:`lsdc.utils.worker_context` (forked where that is safe), before
+    the progress bar starts its monitor thread.
     """
-    bar = tqdm(total=len(todo), disable=not progress, unit="series", desc=desc)
-    try:
-        if workers == 1 or len(todo) <= 1:
+    if workers == 1 or len(todo) <= 1:
+        with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
             for task in todo:
                 cache_series(*task)
                 bar.update()
-            return
-        pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(os.getpid(),),
-        )
-        try:
-            for future in as_completed([pool.submit(cache_series, *task) for task in todo]):
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)),
+        mp_context=worker_context(),
+        initializer=init_worker,
+        initargs=(os.getpid(),),
+    )
+    try:
+        futures = [pool.submit(cache_series, *task) for task in todo]
+        with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
+            for future in as_completed(futures):
                 future.result()
                 bar.update()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _publish_entry(tmp: Path, final: Path, rows: list[dict[str, Any]]) -> None:

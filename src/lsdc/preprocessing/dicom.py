@@ -31,6 +31,7 @@ Rules, in order (docs/cache.md repeats them for users of the cache):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from lsdc.errors import UserError
 from lsdc.preprocessing.geometry import StackGeometry
+from lsdc.utils import is_machine_failure
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between ImageOrientationPatient components of slices of one stack."""
@@ -225,25 +227,112 @@ def _decode(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
     """Header and pixels of one file, each file read once.
 
     pydicom's ``pixel_array(path, ds_out=...)`` parses only what it needs and is faster than
-    ``dcmread(path).pixel_array``; any file it refuses goes through the tolerant path, which
-    also says precisely what is wrong with it.
+    ``dcmread(path).pixel_array``: uncompressed files take it. Compressed ones, and any file it
+    refuses, go through the tolerant path, which checks the declared size before decoding
+    (:func:`_check_declared_size`) and says precisely what is wrong with a file.
     """
-    ds = pydicom.Dataset()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ds, pixel_array(path, ds_out=ds, specific_tags=_HEADER_TAGS)
-    except Exception:  # any refusal: the tolerant path below decides and explains
-        pass
+    if _fast_path_is_safe(path):
+        ds = pydicom.Dataset()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return ds, pixel_array(path, ds_out=ds, specific_tags=_HEADER_TAGS)
+        except Exception as exc:  # any refusal: the tolerant path below decides and explains
+            if is_machine_failure(exc):
+                raise
     ds = _read_dataset(path)
     if "PixelData" not in ds:
         raise _SkipFile("no pixel data (not an image)")
+    _check_declared_size(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds, ds.pixel_array
     except Exception as exc:  # pydicom/plugins raise many types for corrupt or truncated data
+        if is_machine_failure(exc):
+            raise
         raise _SkipFile(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+MAX_DECODED_BYTES = 512 * 2**20
+"""The most pixel bytes one file may decode to (a real MRI slice takes 0.5 to 2 MB; a
+multi-frame file of 200 such frames 100 to 400 MB)."""
+MAX_EXPANSION = 256
+"""The most a compressed file's pixel data may grow when decoded (RLE grows 64 times at most;
+a lossless JPEG of a nearly blank image more), beyond ``_SMALL_DECODE``."""
+_SMALL_DECODE = 16 * 2**20
+"""Decoded sizes up to this cost little whatever the file's bytes: never refused as a lie."""
+_HEAD_BYTES = 16384
+_TRANSFER_SYNTAX_ELEMENT = b"\x02\x00\x10\x00UI"
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_SIZE_TAGS = {"rows": (0x0028, 0x0010), "columns": (0x0028, 0x0011), "bits": (0x0028, 0x0100)}
+
+
+def _fast_path_is_safe(path: Path) -> bool:
+    """Whether the file may take pydicom's fast path, sniffed from its first bytes (a full
+    header parse costs half a decode): an uncompressed transfer syntax, little endian, whose
+    declared Rows x Columns x bytes the file can hold. pydicom allocates the declared size
+    before it looks at the data, so a lying header could otherwise cost gigabytes; every other
+    file takes the tolerant path, which checks properly (:func:`_check_declared_size`)."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    if head[128:132] != b"DICM":
+        return False
+    at = head.find(_TRANSFER_SYNTAX_ELEMENT, 132)
+    if at < 0 or at + 8 > len(head):
+        return False
+    length = int.from_bytes(head[at + 6 : at + 8], "little")
+    uid = head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", errors="replace")
+    if uid not in _NATIVE_SYNTAXES or uid == "1.2.840.10008.1.2.2":
+        return False
+    values = {}
+    for name, (group, element) in _SIZE_TAGS.items():
+        tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
+        marker = tag + (b"\x02\x00\x00\x00" if uid == _IMPLICIT_VR_LE else b"US\x02\x00")
+        found = head.find(marker, at)
+        if found < 0 or found + len(marker) + 2 > len(head):
+            return False
+        values[name] = int.from_bytes(head[found + len(marker) : found + len(marker) + 2], "little")
+    declared = values["rows"] * values["columns"] * max(1, -(-values["bits"] // 8))
+    return 0 < declared <= size and b"\x28\x00\x08\x00" not in head  # no NumberOfFrames
+
+
+def _check_declared_size(ds: pydicom.Dataset, path: Path) -> None:
+    """Refuse, before decoding, a file whose header declares more pixels than one file may
+    decode to, or than its compressed pixel data can plausibly hold: a few-KB file must not
+    cost gigabytes of memory.
+
+    Raises:
+        _SkipFile: the declared size and the limit it breaks.
+    """
+    rows, columns = _binary_int(ds, "Rows", 0), _binary_int(ds, "Columns", 0)
+    frames = max(1, _int_tag(ds, "NumberOfFrames") or 1)  # IS: text
+    samples = max(1, _binary_int(ds, "SamplesPerPixel", 1))
+    depth = max(1, -(-_binary_int(ds, "BitsAllocated", 16) // 8))
+    declared = rows * columns * frames * samples * depth
+    stored = len(ds.PixelData or b"")
+    shape = f"{rows} x {columns} x {frames} frame(s) x {samples * depth} byte(s)"
+    if declared > MAX_DECODED_BYTES:
+        raise _SkipFile(
+            f"declares {shape} = {declared / 2**20:.0f} MB of pixels, over the limit of "
+            f"{MAX_DECODED_BYTES / 2**20:.0f} MB per file; refused before decoding"
+        )
+    if declared > _SMALL_DECODE and declared > MAX_EXPANSION * stored:
+        raise _SkipFile(
+            f"declares {shape} = {declared / 2**20:.0f} MB of pixels in {stored} bytes of pixel "
+            f"data (more than {MAX_EXPANSION} times them); refused before decoding"
+        )
+
+
+def _binary_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """A US tag's value (pydicom converts it), or ``default`` when absent or malformed."""
+    try:
+        value = ds.get(keyword)
+        return default if value is None else int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
@@ -257,6 +346,8 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
             except InvalidDicomError:
                 ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # a damaged header can fail anywhere inside the parser
+        if is_machine_failure(exc):
+            raise
         raise _SkipFile(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:
         raise _SkipFile("not a DICOM file (no DICM header and no pixel data)")
@@ -373,7 +464,9 @@ def _build_volume(members: list[_Slice], description: str | None, folder: Path) 
     spacing = first.pixel_spacing
     if spacing is None:
         spacing = (1.0, 1.0)
-        warns.append(f"{first.path}: PixelSpacing missing; assumed 1 x 1 mm")
+        stored = _float_vector(first.header, "PixelSpacing", 2)
+        problem = "missing" if stored is None else f"{stored.tolist()} is not positive"
+        warns.append(f"{first.path}: PixelSpacing {problem}; assumed 1 x 1 mm")
 
     step = (
         _float_tag(ds, "SpacingBetweenSlices", 0.0) or _float_tag(ds, "SliceThickness", 0.0) or 1.0

@@ -94,6 +94,19 @@ class TrainingTask(abc.ABC):
     def flip_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch mirrored left-right (inputs only; the engine permutes the predictions)."""
 
+    def locate(self, model: nn.Module, batch: dict[str, Any]) -> np.ndarray | None:
+        """(B, 25, 3) patient points the model locates in a batch, for the viewer and the
+        localisation OOF (:class:`lsdc.tasks.served.ServedRun`). Default: None, the task
+        locates nothing."""
+        return None
+
+    def crops_around(
+        self, study_id: int, points: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The crops the model would read around ``points`` (25, 3) of a study, with the (25,)
+        bool of crops holding image data, for the viewer. Default: None, the task reads none."""
+        return None
+
     @classmethod
     def prior_rows(cls, descriptions: Collection[str]) -> np.ndarray:
         """(25,) bool: the label columns this task answers with the class prior for a study

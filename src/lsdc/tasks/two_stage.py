@@ -7,7 +7,7 @@ each series on a fixed grid and is supervised by the label coordinates; a level 
 crops per study. During training the crops are cut around the *labelled* points, jittered by about
 stage 1's error; at validation and inference they are cut around the points the localizer
 predicts, so the OOF score is that of the served pipeline. Because both parts live in one module,
-folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and ``predict_run`` work unchanged.
+folds, AMP, EMA, checkpoints, exact resume, DDP, OOF and serving (``ServedRun``) work unchanged.
 
 Task settings (``task_params``, every key checked): see :class:`TwoStageParams`.
 """
@@ -28,15 +28,10 @@ from torch.utils.data import Dataset
 
 from lsdc.config import ConfigError, TrainConfig, build_section
 from lsdc.contract import (
-    CONDITION_GROUP,
-    CONDITIONS,
-    LABEL_COLUMNS,
     LEFT_RIGHT_PERMUTATION,
-    LEVELS,
     N_LABELS,
     PRED_COLUMNS,
     class_prior,
-    label_index,
     labels_to_indices,
     load_label_coordinates,
 )
@@ -299,6 +294,14 @@ class TwoStageTask(TrainingTask):
         )
         return heatmaps, points
 
+    def locate(self, model: nn.Module, batch: dict[str, Any]) -> np.ndarray:
+        """The fused patient points of stage 1 (:meth:`predicted_points`)."""
+        return self.predicted_points(model, batch)[1]
+
+    def crops_around(self, study_id: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 2's 25 crops around ``points`` (:func:`lsdc.datasets.levels.study_crops`)."""
+        return study_crops(self.store, int(study_id), points, self.spec)
+
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training: both parts on the dataset's crops in one call (DDP syncs both). Serving:
         localise, cut crops around the predicted points, grade them."""
@@ -367,97 +370,3 @@ class TwoStageTask(TrainingTask):
             len(batch["study_id"]), dtype=torch.bool, device=batch["study_id"].device
         )
         return {**batch, "flipped": flipped}
-
-
-# ------------------------------------------------------------------------- localisation OOF
-GROUP_OF_LABEL = np.array([CONDITION_GROUP[c] for c in CONDITIONS for _ in LEVELS])
-
-
-def localization_oof(
-    run_dir: str | Path, cache_dir: str | Path, data_root: str | Path
-) -> pd.DataFrame:
-    """Stage 1's out-of-fold errors: every labelled point of every validation study.
-
-    Each fold's served model localises its own validation studies; the fused point is compared
-    with the labelled centre in mm, and the slice it falls on (in the source geometry of the
-    labelled series: which parasagittal T1 slice, which axial slice) with the labelled slice.
-
-    Returns:
-        One row per (study, label column) with a labelled point: study_id, label, group, series,
-        error_mm, slice_true, slice_pred.
-    """
-    from lsdc.checkpoint import load_checkpoint
-    from lsdc.config import config_from_dict
-    from lsdc.rundir import RunDir
-
-    run_dir, cache_dir, data_root = Path(run_dir), Path(cache_dir), Path(data_root)
-    run = RunDir(run_dir)
-    folds = pd.read_csv(run.folds)
-    coordinates = load_label_coordinates(data_root / "train_label_coordinates.csv")
-    rows = []
-    for fold in sorted(folds["fold"].unique()):
-        best = run.fold(int(fold)).best
-        if not best.is_file():
-            continue
-        ckpt = load_checkpoint(best, map_location="cpu")
-        task = TwoStageTask(config_from_dict(ckpt["config"]), cache_dir, None)
-        model = task.build_model(ckpt["task_state"])
-        model.load_state_dict(ckpt["model"])
-        model.eval()
-        ids = folds.loc[folds["fold"] == fold, "study_id"].to_numpy()
-        dataset = task.build_dataset(ids, ckpt["task_state"], train=False)
-        for i in range(len(dataset)):
-            item = dataset[i]
-            batch = {k: v[None] for k, v in item.items()}
-            with torch.no_grad():
-                _, points = task.predicted_points(model, batch)
-            study_id = int(ids[i])
-            rows.extend(_point_errors(task.store, coordinates, study_id, points[0]))
-    return pd.DataFrame(rows)
-
-
-def _point_errors(
-    store: StackStore, coordinates: pd.DataFrame, study_id: int, predicted: np.ndarray
-) -> list[dict[str, Any]]:
-    truth = label_points_mm(store, coordinates, study_id)
-    rows = []
-    for row in coordinates[coordinates["study_id"] == study_id].itertuples():
-        j = label_index(row.condition_key, row.level_key)
-        for key in store.series_stacks(study_id, int(row.series_id)):
-            source = store.load(key).source_geometry
-            if int(row.instance_number) not in source.instance_numbers:
-                continue
-            slice_true = source.slice_index(int(row.instance_number))
-            voxel = source.patient_to_voxel(predicted[j][None])[0]
-            rows.append(
-                {
-                    "study_id": study_id,
-                    "label": LABEL_COLUMNS[j],
-                    "group": GROUP_OF_LABEL[j],
-                    "series": LABEL_SERIES[j],
-                    "error_mm": float(np.linalg.norm(predicted[j] - truth[j])),
-                    "slice_true": slice_true,
-                    "slice_pred": int(np.clip(np.round(voxel[0]), 0, source.n_slices - 1)),
-                }
-            )
-            break
-    return rows
-
-
-def summarize_localization(errors: pd.DataFrame) -> pd.DataFrame:
-    """Per scoring group and overall: median and 90th-percentile point error (mm), slice
-    accuracy exact and within one slice."""
-
-    def summary(frame: pd.DataFrame) -> dict[str, float]:
-        off = (frame["slice_pred"] - frame["slice_true"]).abs()
-        return {
-            "points": len(frame),
-            "median_mm": float(frame["error_mm"].median()),
-            "p90_mm": float(frame["error_mm"].quantile(0.9)),
-            "slice_exact": float((off == 0).mean()),
-            "slice_within_1": float((off <= 1).mean()),
-        }
-
-    rows = [{"group": g, **summary(f)} for g, f in errors.groupby("group", sort=False)]
-    rows.append({"group": "all", **summary(errors)})
-    return pd.DataFrame(rows)

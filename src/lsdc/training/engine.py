@@ -7,9 +7,10 @@ name, so every model family trains, resumes and is scored the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ from lsdc.contract import (
     labels_to_solution,
     write_csv_atomic,
 )
+from lsdc.datasets.loader import make_loader
 from lsdc.distributed import (
     DistContext,
     barrier,
+    gather_objects,
     sum_across_ranks,
 )
 from lsdc.errors import UserError
@@ -48,13 +51,12 @@ from lsdc.rundir import FoldDir, RunDir
 from lsdc.tasks.base import TrainingTask
 from lsdc.tasks.predict_loop import (
     autocast_context,
-    make_loader,
     predict_loader,
     predictions_frame,
     to_device,
 )
 from lsdc.training.folds import make_folds
-from lsdc.utils import check_output_dir, write_json_atomic
+from lsdc.utils import check_output_dir, write_json_atomic, writer_lock
 
 METRIC_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_score", "lr", "seconds")
 
@@ -195,8 +197,11 @@ def train_fold(
         train_loss, lr = _train_epoch(
             task, net, fs, train_ds, config, ctx, fold, epoch, progress and ctx.is_primary
         )
-        oof, score, val_loss = _validate(
-            task, fs.served, val_ds, solution, config, ctx, fold, epoch
+        validated = _validates(epoch, config)
+        oof, score, val_loss = (
+            _validate(task, fs.served, val_ds, solution, config, ctx, fold, epoch)
+            if validated
+            else (None, math.nan, math.nan)
         )
         row = {
             "fold": fold,
@@ -208,19 +213,23 @@ def train_fold(
             "seconds": time.perf_counter() - started,
         }
         fs.history.append(row)
-        improved = score < fs.best_score
+        improved = validated and score < fs.best_score
         if improved:
             fs.best_score, fs.best_epoch, fs.since_best = score, epoch, 0
-        else:
+        elif validated:
             fs.since_best += 1
         fs.finished = _is_finished(epoch, fs.since_best, config)
         if ctx.is_primary:
             if improved:
+                assert oof is not None
                 _write_best(fold_dir, fs.served, state, config, fold, epoch, score, oof, solution)
             _save_epoch(fs, fold_dir, state, config, epoch, score)
+            validation = (
+                f"val_loss {val_loss:.4f} val_score {score:.4f}" if validated else "not validated"
+            )
             tqdm.write(
-                f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} "
-                f"val_loss {val_loss:.4f} val_score {score:.4f} ({row['seconds']:.1f} s)"
+                f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} {validation} "
+                f"({row['seconds']:.1f} s)"
             )
         barrier(ctx)
         if fs.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
@@ -284,6 +293,11 @@ def _restore(fs: FoldState, path: Path, config: TrainConfig, ctx: DistContext) -
     )
     fs.history = ckpt["history"]
     fs.finished = _is_finished(ckpt["epoch"], fs.since_best, config)
+
+
+def _validates(epoch: int, config: TrainConfig) -> bool:
+    """Whether ``epoch`` (0-based) is validated: every ``optim.val_every``-th and the last."""
+    return (epoch + 1) % config.optim.val_every == 0 or epoch + 1 >= config.optim.epochs
 
 
 def _is_finished(epoch: int, since_best: int, config: TrainConfig) -> bool:
@@ -526,6 +540,39 @@ def check_run_dir(
     return folds
 
 
+RUN_BUSY = (
+    "another lsdc train (pid {pid}) is writing this run, or an lsdc export is reading it; "
+    "wait for it to end, or use another --out"
+)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Hold the run folder's writer lock (``RUN/train.lock``) for the block: one training per
+    run folder, so two cannot train the same folds into it. Rank 0 holds it; every rank refuses
+    together when it is taken.
+
+    Raises:
+        UserError: another training (its pid named) or an export holds the lock, or the folder
+            cannot be written.
+    """
+    with contextlib.ExitStack() as stack:
+        refusal: UserError | None = None
+        if ctx.is_primary:
+            try:
+                stack.enter_context(
+                    writer_lock(run_dir, RunDir(run_dir).lock_name, "--out", RUN_BUSY)
+                )
+            except UserError as exc:
+                refusal = exc
+        messages = [m for m in gather_objects(None if refusal is None else str(refusal), ctx) if m]
+        if refusal is not None:
+            raise refusal
+        if messages:
+            raise UserError(messages[0])
+        yield
+
+
 def _write_run_files(
     run_dir: Path, config: TrainConfig, labels: pd.DataFrame, folds: pd.DataFrame, ctx: DistContext
 ) -> None:
@@ -557,19 +604,20 @@ def train_run(
     autocast_context(config.optim.amp, ctx.device)  # refuse fp16 on CPU before any work
     labels = task.study_labels()
     todo = list(range(config.folds.n_folds)) if config.folds.fold is None else [config.folds.fold]
-    folds = check_run_dir(run_dir, config, labels, resume, todo)
-    _write_run_files(run_dir, config, labels, folds, ctx)
-    results = [
-        train_fold(task, config, labels, folds, k, run_dir, ctx, resume, progress) for k in todo
-    ]
-    if ctx.is_primary:
-        oof, _ = collect_run_outputs(run_dir, config.folds.n_folds)
-        if len(oof):
-            scored = labels_to_solution(labels)
-            scored = scored[scored["row_id"].isin(oof["row_id"])]
-            score = official_score(scored, oof)
-            write_json_atomic(score.as_dict(), run_dir / "oof_score.json")
-            if progress:
-                tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
-    barrier(ctx)
+    with run_lock(run_dir, ctx):
+        folds = check_run_dir(run_dir, config, labels, resume, todo)
+        _write_run_files(run_dir, config, labels, folds, ctx)
+        results = [
+            train_fold(task, config, labels, folds, k, run_dir, ctx, resume, progress) for k in todo
+        ]
+        if ctx.is_primary:
+            oof, _ = collect_run_outputs(run_dir, config.folds.n_folds)
+            if len(oof):
+                scored = labels_to_solution(labels)
+                scored = scored[scored["row_id"].isin(oof["row_id"])]
+                score = official_score(scored, oof)
+                write_json_atomic(score.as_dict(), run_dir / "oof_score.json")
+                if progress:
+                    tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
+        barrier(ctx)
     return results

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lsdc.config import TrainConfig, load_config
-from lsdc.distributed import init_distributed, shutdown_distributed
+from lsdc.distributed import init_distributed, set_torch_threads, shutdown_distributed
 from lsdc.errors import UserError
 from lsdc.tasks.base import create_task
 from lsdc.training.engine import FoldResult, train_run
@@ -49,6 +49,7 @@ def train(
         config = load_config(config, list(overrides))
     for flag, folder in (("--data", data_root), ("--cache", cache_dir)):
         check_input_dir(folder, flag)
+    set_torch_threads(config.data.threads, config.data.num_workers)
     ctx = init_distributed(None if device == "auto" else device)
     try:
         task = create_task(config, Path(cache_dir), Path(data_root))
