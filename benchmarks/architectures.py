@@ -71,7 +71,7 @@ WHOLE_CONFIGS: dict[str, str | None] = {
     "segresnet": "whole_segresnet",
     "dynunet": "whole_dynunet",
     "swinunetr": "whole_swinunetr",
-    "resnet3d": "demo",
+    "resnet3d": "whole_baseline",
     "vit": "whole_vit",
 }
 """Each architecture's whole-series baseline at the demo's size (basicunet has none)."""

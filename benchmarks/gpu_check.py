@@ -21,7 +21,7 @@ set, ~57 MB a study, stored twice as DICOM and cache, so ~12 GB at the GPU defau
 the test suite's 32 px studies).
 
 How the figures are taken, from outside the engine: each ``lsdc`` verb runs in a child process
-(``gpu_check.py --measure FILE -- VERB ARGS``) that wraps ``lsdc.tasks.predict_loop.make_loader``
+(``gpu_check.py --measure FILE -- VERB ARGS``) that wraps ``lsdc.datasets.loader.make_loader``
 before the engine is imported. The wrapper times every training batch: *data wait* is the time
 the loop spends inside the loader's ``next()``, *step time* the time from asking for one batch
 to asking for the next (CUDA synchronised, so the GPU's work is in it); the part of the wait
@@ -150,9 +150,9 @@ def _measure(out_json: Path, argv: list[str]) -> int:
     ``out_json``."""
     import torch
 
-    import lsdc.tasks.predict_loop as predict_loop
+    import lsdc.datasets.loader as loader_module
 
-    original = predict_loop.make_loader
+    original = loader_module.make_loader
     signature = inspect.signature(original)
     times = LoaderTimes()
     cuda = "--device" in argv and argv[argv.index("--device") + 1].startswith("cuda")
@@ -167,7 +167,7 @@ def _measure(out_json: Path, argv: list[str]) -> int:
         return TimedLoader(loader, times, cuda)
 
     # Patched before lsdc.training is imported, so every `from ... import make_loader` gets it.
-    predict_loop.make_loader = timed_make_loader
+    loader_module.make_loader = timed_make_loader
     from lsdc.cli import main
 
     started = time.perf_counter()

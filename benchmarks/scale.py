@@ -234,8 +234,8 @@ def time_loader(
     import numpy as np
     import torch
 
+    from lsdc.datasets.loader import make_loader
     from lsdc.distributed import DistContext
-    from lsdc.training.engine import make_loader
 
     torch.set_num_threads(1)
     task = _two_stage_task(

@@ -18,7 +18,13 @@ import resource
 import time
 from pathlib import Path
 
-WHOLE_SERIES_CONFIGS = ("demo", "whole_segresnet", "whole_dynunet", "whole_swinunetr", "whole_vit")
+WHOLE_SERIES_CONFIGS = (
+    "whole_baseline",
+    "whole_segresnet",
+    "whole_dynunet",
+    "whole_swinunetr",
+    "whole_vit",
+)
 """The whole-series baselines (demo: resnet3d)."""
 
 
@@ -69,11 +75,11 @@ def _time_loader(data: Path, cache: Path, batch_size: int, epochs: int) -> list[
     import torch
 
     from lsdc.config import load_config
+    from lsdc.datasets.loader import make_loader
     from lsdc.distributed import DistContext
     from lsdc.tasks.base import create_task
-    from lsdc.training.engine import make_loader
 
-    config = load_config("demo", [f"data.batch_size={batch_size}"])
+    config = load_config("whole_baseline", [f"data.batch_size={batch_size}"])
     task = create_task(config, cache, data)
     ids = task.study_labels()["study_id"].to_numpy()
     state = task.fit_state(ids)  # reads every study once (the cold pass)

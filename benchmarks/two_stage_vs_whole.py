@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/two_stage_vs_whole.py --out /tmp/lsdc-evidence \\
         [--data ROOT --cache DIR] [--train-studies 1000] [--test-studies 100] [--seed 0] \\
-        [--whole-config demo] [--two-stage-config two_stage_demo] \\
+        [--whole-config whole_baseline] [--two-stage-config two_stage_demo] \\
         [--whole KEY=VALUE] [--two-stage KEY=VALUE] [key=value ...]
 
 Both models train with ``lsdc train`` on the same cache and the same folds (``key=value``
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--train-studies", type=int, default=1000)
     parser.add_argument("--test-studies", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--whole-config", default="demo", help="the whole-series config")
+    parser.add_argument("--whole-config", default="whole_baseline", help="the whole-series config")
     parser.add_argument("--two-stage-config", default="two_stage_demo")
     parser.add_argument(
         "--whole", action="append", default=[], metavar="KEY=VALUE", help="a whole-series override"

@@ -14,10 +14,11 @@ import torch
 from lsdc.config import load_config
 from lsdc.datasets import levels
 from lsdc.datasets.levels import LOCALIZER_SERIES, StackStore
+from lsdc.datasets.loader import make_loader
 from lsdc.distributed import DistContext
 from lsdc.preprocessing.cache import preprocess_split, series_grid_path, stack_paths
 from lsdc.tasks.base import create_task
-from lsdc.tasks.predict_loop import autocast_context, make_loader
+from lsdc.tasks.predict_loop import autocast_context
 
 GRID = (16, 32, 32)
 

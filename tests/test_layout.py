@@ -59,7 +59,9 @@ def _imported_units(path: Path) -> set[str]:
                 names = [f"lsdc.{a.name}" for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[0] == "lsdc" and len(parts) > 1:
+            if parts == ["lsdc"]:
+                found.add("__init__")  # the package face itself (``import lsdc``)
+            elif parts[0] == "lsdc":
                 found.add(parts[1])
     return found
 
@@ -105,6 +107,9 @@ def test_the_checker_sees_a_broken_rule(tmp_path: Path) -> None:
         "def f():\n    from lsdc.training.engine import train_run\n    import lsdc.cli\n"
     )
     assert _imported_units(bad) == {"training", "cli"}
+    face = tmp_path / "face.py"
+    face.write_text("def g():\n    import lsdc\n    return lsdc.__file__\n")
+    assert _imported_units(face) == {"__init__"}
 
 
 def test_score_help_loads_no_torch() -> None:

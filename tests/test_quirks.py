@@ -332,8 +332,9 @@ def test_rows_of_a_missing_grading_series_get_the_class_prior(
     """A study without Sagittal T1 has no foraminal crops: its 10 foraminal rows are the
     training fold's class prior (with and without flip TTA), not the grader's answer to blank
     crops; every other row is the grader's."""
+    from lsdc.datasets.loader import make_loader
     from lsdc.distributed import DistContext
-    from lsdc.tasks.predict_loop import make_loader, predict_loader
+    from lsdc.tasks.predict_loop import predict_loader
     from lsdc.tasks.two_stage import TwoStageTask
 
     cache = tmp_path / "cache"

@@ -222,3 +222,12 @@ def test_a_pretrained_timm_run_serves_with_tta_and_exports_without_the_files(
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export"), "--no-wheel"]) == 0
     exported = predict_run(tmp_path / "export" / "run", synth_test_cache, ids, tta_flip=True)
     np.testing.assert_allclose(exported, probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["two_stage_timm_demo", "two_stage_timm"])
+def test_the_timm_configs_build_timm_networks_in_both_stages(name, synth_cache) -> None:
+    config = load_config(name)
+    net = TwoStageTask(config, synth_cache, None).build_model({})
+    assert net.localizer.net.net.encoder.model.__class__.__module__.startswith("timm")
+    assert net.grader.encoder.net.__class__.__module__.startswith("timm")
+    assert config.task_params["localizer"]["name"] == "timm_unet"

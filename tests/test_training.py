@@ -95,7 +95,17 @@ def test_every_shipped_config_loads_and_builds_its_model(synth_root, synth_cache
             assert {name for name, _ in model.named_children()} == {"localizer", "grader"}
         assert sum(p.numel() for p in model.parameters()) > 0, path.name
         built.add(path.stem)
-    assert {"two_stage", "two_stage_demo", "base", "demo"} <= built
+    assert {"two_stage", "two_stage_demo", "base", "whole_baseline"} <= built
+
+
+def test_the_old_name_of_the_whole_series_baseline_names_the_new_one(tmp_path, capsys) -> None:
+    with pytest.raises(ConfigError, match="now called 'whole_baseline'.*--config whole_baseline"):
+        load_config("demo")
+    argv = ["train", "--config", "demo.yaml", "--data", str(tmp_path), "--cache", str(tmp_path)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "--config whole_baseline" in capsys.readouterr().err
+    (tmp_path / "demo.yaml").write_text("base: base.yaml\n")  # a file of one's own still loads
+    assert load_config(tmp_path / "demo.yaml").task == "whole_study"
 
 
 # -------------------------------------------------------------------------------------- loss
@@ -302,6 +312,23 @@ def test_ema_and_bf16_train_on_cpu_and_fp16_is_refused(synth_root, synth_cache, 
     assert not (tmp_path / "bf16" / "fold0").exists()
     assert main([*argv, "--out", str(tmp_path / "fp16"), "optim.amp=fp16", *extra]) == 2
     assert "fp16 needs CUDA" in capsys.readouterr().err
+
+
+def test_val_every_validates_every_kth_and_the_last_epoch(
+    synth_root, synth_cache, tmp_path, capsys
+):
+    argv = ["train", "--config", "tiny", "--data", str(synth_root), "--cache", str(synth_cache)]
+    extra = ["optim.epochs=3", "optim.val_every=2", "folds.fold=0", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run"), *extra]) == 0
+    metrics = pd.read_csv(tmp_path / "run" / "fold0" / "metrics.csv")
+    assert metrics["val_score"].isna().tolist() == [True, False, False]
+    assert metrics["train_loss"].notna().all()
+    best = load_checkpoint(tmp_path / "run" / "fold0" / "best.pt")
+    assert best["epoch"] == int(metrics["val_score"].idxmin())
+    printed = capsys.readouterr()
+    assert "epoch 0: train_loss" in printed.out + printed.err
+    assert "not validated" in printed.out + printed.err
+    assert main([*argv, "--out", str(tmp_path / "bad"), "optim.val_every=0", *extra[:1]]) == 2
 
 
 # ----------------------------------------------------------------------------------- serving

@@ -493,7 +493,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         default=DEMO_CONFIG,
-        help=f"training config (default {DEMO_CONFIG}; 'demo' for the whole-series baseline)",
+        help=f"training config (default {DEMO_CONFIG}; 'whole_baseline' for the whole-series baseline)",
     )
     p.add_argument(
         "--train-studies", type=int, default=DEMO_TRAIN_STUDIES, help="synthetic training studies"

@@ -181,8 +181,6 @@ def source_root() -> Path:
     Raises:
         UserError: lsdc was installed from a wheel or an index: there is no source to build.
     """
-    import lsdc
-
     candidates = []
     try:
         direct = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
@@ -192,14 +190,15 @@ def source_root() -> Path:
         url = urlparse(json.loads(direct).get("url", ""))
         if url.scheme == "file":
             candidates.append(Path(unquote(url.path)))
-    candidates.extend(Path(lsdc.__file__).resolve().parents[1:3])
+    package = Path(__file__).resolve().parents[1]  # lsdc/, found without importing the face
+    candidates.extend(package.parents[0:2])
     for folder in candidates:
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and _NAME_LINE.search(pyproject.read_text()):
             return folder
     raise UserError(
         f"cannot find the lsdc source to build its wheel (lsdc is imported from "
-        f"{Path(lsdc.__file__).parent}, not from a source checkout); pass --no-wheel and ship "
+        f"{package}, not from a source checkout); pass --no-wheel and ship "
         "the wheel you installed lsdc from"
     )
 

@@ -14,6 +14,7 @@ position is interpolated / extrapolated linearly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ class StackGeometry:
             a.setflags(write=False)
 
     # ----------------------------------------------------------------------------- derived
-    @property
+    @cached_property
     def normal(self) -> np.ndarray:
         """Unit slice normal: row_direction x column_direction (DICOM convention), normalised
         because rounded ImageOrientationPatient values are not exactly orthogonal."""
@@ -75,12 +76,12 @@ class StackGeometry:
     def n_slices(self) -> int:
         return len(self.positions)
 
-    @property
+    @cached_property
     def slice_offsets(self) -> np.ndarray:
         """Distance of each slice from slice 0 along the normal, mm (monotonic for a sorted stack)."""
         return (self.positions - self.positions[0]) @ self.normal
 
-    @property
+    @cached_property
     def slice_spacing(self) -> float:
         """Median distance between neighbouring slices along the normal (1.0 for one slice)."""
         if self.n_slices < 2:

@@ -1,20 +1,19 @@
 """The loop that turns a task's batches into per-study probabilities, shared by training
-(validation) and inference (serving), and the loader both use."""
+(validation) and inference (serving); the loader both use is :mod:`lsdc.datasets.loader`."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lsdc.config import ConfigError, TrainConfig
+from lsdc.config import ConfigError
 from lsdc.contract import LABEL_COLUMNS, LEFT_RIGHT_PERMUTATION, PRED_COLUMNS, all_row_ids
 from lsdc.distributed import DistContext, gather_objects, sum_across_ranks
 from lsdc.tasks.base import TrainingTask
@@ -108,40 +107,3 @@ def predict_loader(
         raise RuntimeError("some (study, label) entries received no prediction from the task")
     loss_sum, count = sum_across_ranks([loss_sum, count], ctx)
     return studies, summed / weight[..., None], loss_sum, count
-
-
-def make_loader(
-    dataset: torch.utils.data.Dataset,
-    config: TrainConfig,
-    ctx: DistContext,
-    train: bool,
-    epoch: int = 0,
-    fold: int = 0,
-) -> DataLoader:
-    """A loader whose order depends only on (seed, fold, epoch): a resumed run replays it.
-    Under DDP each rank gets its shard (for evaluation, without the padding repeats)."""
-    seed = config.seed * 1000 + fold
-    sampler: Iterable[int]
-    if ctx.distributed and train:
-        sampler = DistributedSampler(
-            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
-        )
-        sampler.set_epoch(epoch)
-    elif ctx.distributed:
-        # Every sample exactly once over the ranks: DistributedSampler would pad the last shard
-        # with repeats, and a repeated sample counts twice in the validation loss.
-        sampler = range(ctx.rank, len(dataset), ctx.world_size)
-    elif train:
-        generator = torch.Generator().manual_seed(seed * 10_000 + epoch)
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = range(len(dataset))
-    return DataLoader(
-        dataset,
-        batch_size=config.data.batch_size,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-        drop_last=train and len(dataset) > config.data.batch_size * ctx.world_size,
-        persistent_workers=False,
-        pin_memory=ctx.device.type == "cuda",
-    )

@@ -28,11 +28,12 @@ from lsdc.config import (
     config_from_dict,
     without_initial_weights,
 )
+from lsdc.datasets.loader import make_loader
 from lsdc.distributed import DistContext
 from lsdc.errors import UserError
 from lsdc.rundir import RunDir
 from lsdc.tasks.base import TrainingTask, create_task
-from lsdc.tasks.predict_loop import make_loader, predict_loader
+from lsdc.tasks.predict_loop import predict_loader
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from lsdc.contract import (
     labels_to_solution,
     write_csv_atomic,
 )
+from lsdc.datasets.loader import make_loader
 from lsdc.distributed import (
     DistContext,
     barrier,
@@ -50,7 +51,6 @@ from lsdc.rundir import FoldDir, RunDir
 from lsdc.tasks.base import TrainingTask
 from lsdc.tasks.predict_loop import (
     autocast_context,
-    make_loader,
     predict_loader,
     predictions_frame,
     to_device,
@@ -197,8 +197,11 @@ def train_fold(
         train_loss, lr = _train_epoch(
             task, net, fs, train_ds, config, ctx, fold, epoch, progress and ctx.is_primary
         )
-        oof, score, val_loss = _validate(
-            task, fs.served, val_ds, solution, config, ctx, fold, epoch
+        validated = _validates(epoch, config)
+        oof, score, val_loss = (
+            _validate(task, fs.served, val_ds, solution, config, ctx, fold, epoch)
+            if validated
+            else (None, math.nan, math.nan)
         )
         row = {
             "fold": fold,
@@ -210,19 +213,23 @@ def train_fold(
             "seconds": time.perf_counter() - started,
         }
         fs.history.append(row)
-        improved = score < fs.best_score
+        improved = validated and score < fs.best_score
         if improved:
             fs.best_score, fs.best_epoch, fs.since_best = score, epoch, 0
-        else:
+        elif validated:
             fs.since_best += 1
         fs.finished = _is_finished(epoch, fs.since_best, config)
         if ctx.is_primary:
             if improved:
+                assert oof is not None
                 _write_best(fold_dir, fs.served, state, config, fold, epoch, score, oof, solution)
             _save_epoch(fs, fold_dir, state, config, epoch, score)
+            validation = (
+                f"val_loss {val_loss:.4f} val_score {score:.4f}" if validated else "not validated"
+            )
             tqdm.write(
-                f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} "
-                f"val_loss {val_loss:.4f} val_score {score:.4f} ({row['seconds']:.1f} s)"
+                f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} {validation} "
+                f"({row['seconds']:.1f} s)"
             )
         barrier(ctx)
         if fs.finished or (stop_after_epoch is not None and epoch >= stop_after_epoch):
@@ -286,6 +293,11 @@ def _restore(fs: FoldState, path: Path, config: TrainConfig, ctx: DistContext) -
     )
     fs.history = ckpt["history"]
     fs.finished = _is_finished(ckpt["epoch"], fs.since_best, config)
+
+
+def _validates(epoch: int, config: TrainConfig) -> bool:
+    """Whether ``epoch`` (0-based) is validated: every ``optim.val_every``-th and the last."""
+    return (epoch + 1) % config.optim.val_every == 0 or epoch + 1 >= config.optim.epochs
 
 
 def _is_finished(epoch: int, since_best: int, config: TrainConfig) -> bool:
