@@ -89,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lsdc-bench-memory-") as tmp:
         hostile_root = Path(tmp) / "hostile_root"
         shutil.copytree(args.root, hostile_root)
-        hostile = add_hostile_file(hostile_root)
+        hostile_bytes = add_hostile_file(hostile_root).stat().st_size
         baseline = measure("baseline", args.root, Path(tmp) / "unused", args.workers)
         clean = measure("clean", args.root, Path(tmp) / "clean", args.workers)
         attacked = measure("hostile", hostile_root, Path(tmp) / "hostile", args.workers)
@@ -97,7 +97,7 @@ def main() -> None:
         report = (Path(tmp) / "hostile" / "preprocess_report.csv").read_text()
     print(
         f"largest series: {largest / 2**20:.1f} MB decoded; hostile file: "
-        f"{hostile.stat().st_size} bytes declaring 40000 x 40000 x 2 bytes (3052 MB)"
+        f"{hostile_bytes} bytes declaring 40000 x 40000 x 2 bytes (3052 MB)"
     )
     print(f"baseline (lsdc imported): {baseline['peak_kb'] / 1024:.0f} MB")
     for name, run in (("clean", clean), ("hostile", attacked)):

@@ -71,7 +71,14 @@ def test_a_timm_slice_encoder_trains_with_either_pooling(backbone, pooling, crop
         severity_loss(logits, target).backward()
         optimizer.step()
     assert logits.shape == (2, 25, 3)
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # The attention score's bias shifts every slice's score alike, so the softmax over slices
+    # cancels it: its gradient is zero up to rounding, and rounding decides its sign of life.
+    shift_invariant = {"encoder.pool.weight.bias"}
+    dead = [
+        n
+        for n, p in model.named_parameters()
+        if n not in shift_invariant and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not dead, dead[:5]
 
 
