@@ -294,7 +294,7 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
         root,
         cache,
         tmp_path / "run",
-        [*TINY_TWO_STAGE, "optim.epochs=40", "optim.lr=0.01", "optim.warmup_epochs=1"]
+        [*TINY_TWO_STAGE, "optim.epochs=60", "optim.lr=0.01", "optim.warmup_epochs=1"]
         + ["folds.fold=0"],
         progress=False,
     )
