@@ -124,14 +124,25 @@ def export(
     out_dir: str | Path,
     wheel: bool = True,
     allow_unfinished: bool = False,
+    with_deps: bool = False,
+    with_torch: bool = False,
 ) -> ExportResult:
     """Write a slim copy of trained runs for an offline notebook to ``out_dir``: each fold's
     served weights, config, class prior and calibration, the lsdc wheel (unless ``wheel`` is
     False), ``requirements.txt`` and a ``README.md``; ``lsdc predict --run OUT/<run>`` reads it.
-    A run still training is refused; an unfinished run too, unless ``allow_unfinished``."""
+    A run still training is refused; an unfinished run too, unless ``allow_unfinished``.
+    ``with_deps`` adds the wheels of lsdc's runtime dependencies but torch and torchvision
+    (``pip download`` of the installed versions), ``with_torch`` those of torch too."""
     from lsdc.inference.export import export_runs
 
-    return export_runs(run_dirs, out_dir, wheel=wheel, allow_unfinished=allow_unfinished)
+    return export_runs(
+        run_dirs,
+        out_dir,
+        wheel=wheel,
+        allow_unfinished=allow_unfinished,
+        with_deps=with_deps,
+        with_torch=with_torch,
+    )
 
 
 def predict(

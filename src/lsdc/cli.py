@@ -470,15 +470,33 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         help="export the folds of a run that has not finished training as they are (otherwise "
         "refused, naming the unfinished fold); a run being trained is refused either way",
     )
+    p.add_argument(
+        "--with-deps",
+        action="store_true",
+        help="also put in DIR/wheels the wheel of every runtime dependency of lsdc but torch and "
+        "torchvision (which a Kaggle GPU image has), at the versions installed here, fetched with "
+        "pip download, so that the notebook installs with pip install --no-index",
+    )
+    p.add_argument(
+        "--with-torch",
+        action="store_true",
+        help="--with-deps, and the wheels of torch, torchvision and their CUDA libraries too",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
     result = api.export(
-        args.run, args.out, wheel=not args.no_wheel, allow_unfinished=args.allow_unfinished
+        args.run,
+        args.out,
+        wheel=not args.no_wheel,
+        allow_unfinished=args.allow_unfinished,
+        with_deps=args.with_deps,
+        with_torch=args.with_torch,
     )
     mb = 2**20
+    deps = f", {len(result.dependencies)} dependency wheels" if result.dependencies else ""
     print(
-        f"lsdc export: {len(result.runs)} run(s) to {result.out_dir}: "
+        f"lsdc export: {len(result.runs)} run(s){deps} to {result.out_dir}: "
         f"{result.export_bytes / mb:.1f} MB (the run folders: {result.runs_bytes / mb:.1f} MB)"
     )
     print(f"offline install and predict: {result.out_dir / 'README.md'}")

@@ -6,6 +6,9 @@ the served weights, what turns them into a submission, and lsdc itself. An expor
     DIR/README.md            how to install offline and predict
     DIR/requirements.txt     lsdc's pinned runtime dependencies (from its installed metadata)
     DIR/wheels/lsdc-*.whl    lsdc, built from its source (left out with ``--no-wheel``)
+    DIR/wheels/*.whl         with ``--with-deps``: every runtime dependency of lsdc, at the version
+                             installed here, but torch and torchvision (and what only they need),
+                             which a Kaggle GPU image has; ``--with-torch`` adds those too
     DIR/<run>/               one per run, in the run-folder layout (lsdc.rundir), minus what
                              serving does not read: no last.pt (optimiser, scheduler, scaler,
                              RNG states), no OOF or metrics files
@@ -24,17 +27,20 @@ import importlib.metadata
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import torch
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from lsdc.checkpoint import load_checkpoint, save_checkpoint
 from lsdc.config import read_config_dict
@@ -61,6 +67,9 @@ _BUILD_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in")
 _BUILD_GLOBS = ("README*", "LICEN[CS]E*")
 """What the build reads besides ``src/``: ``pyproject.toml`` names the readme and the licence."""
 _NAME_LINE = re.compile(rf"""^name\s*=\s*["']{DISTRIBUTION}["']""", re.MULTILINE)
+TORCH_DISTRIBUTIONS = ("torch", "torchvision")
+"""What a Kaggle GPU image already has (with their own dependencies): bundled only with
+``--with-torch``, since their CUDA wheels weigh gigabytes."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,9 @@ class ExportResult:
     wheel: Path | None
     runs_bytes: int
     export_bytes: int
+    dependencies: list[str] = field(default_factory=list)
+    """``name==version`` of each dependency wheel bundled in ``wheels/`` (empty without
+    ``with_deps``)."""
 
 
 def folder_bytes(path: Path) -> int:
@@ -242,9 +254,88 @@ def runtime_requirements() -> list[str]:
     return [r for r in requires if "extra ==" not in r.replace('"', "").replace("'", "")]
 
 
-def _readme(run_names: Sequence[str], wheel: Path | None, version: str) -> str:
+# ------------------------------------------------------------------------ the dependency wheels
+def installed_closure(roots: Iterable[str], stop: Collection[str] = ()) -> dict[str, str]:
+    """Every installed distribution that ``roots`` need, with its version: the Requires-Dist of
+    each walked recursively through the installed metadata, markers evaluated for this
+    interpreter, a distribution's extras followed only where a requirement asks for them
+    (``cuda-toolkit[cublas]``). The walk does not enter the distributions named in ``stop``.
+
+    Returns:
+        canonical name -> installed version, the roots included.
+
+    Raises:
+        UserError: a needed distribution is not installed, or its metadata cannot be parsed.
+    """
+    stopped = {canonicalize_name(name) for name in stop}
+    versions: dict[str, str] = {}
+    walked: set[tuple[str, frozenset[str]]] = set()
+    todo = [(Requirement(root), "the export") for root in roots]
+    while todo:
+        requirement, needed_by = todo.pop()
+        name, extras = canonicalize_name(requirement.name), frozenset(requirement.extras)
+        if name in stopped or (name, extras) in walked:
+            continue
+        walked.add((name, extras))
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise UserError(
+                f"{requirement} (needed by {needed_by}) is not installed, so its wheel cannot be "
+                "pinned; install lsdc's dependencies first"
+            ) from exc
+        versions[name] = dist.version
+        for line in dist.requires or []:
+            try:
+                dependency = Requirement(line)
+            except InvalidRequirement as exc:
+                raise UserError(f"{name} {dist.version}: unreadable requirement {line!r}") from exc
+            environments = [{"extra": extra} for extra in ("", *sorted(extras))]
+            if dependency.marker is None or any(map(dependency.marker.evaluate, environments)):
+                todo.append((dependency, f"{name} {dist.version}"))
+    return dict(sorted(versions.items()))
+
+
+def dependency_pins(with_torch: bool = False) -> list[str]:
+    """``name==version`` of each distribution lsdc needs at run time, as installed here, lsdc
+    left out; without ``with_torch`` the walk stops at torch and torchvision, so what only they
+    need (CUDA libraries, triton, sympy) is left out too."""
+    stop = () if with_torch else TORCH_DISTRIBUTIONS
+    closure = installed_closure([DISTRIBUTION], stop=stop)
+    return [f"{name}=={version}" for name, version in closure.items() if name != DISTRIBUTION]
+
+
+def download_wheels(pins: Sequence[str], dest: Path) -> None:
+    """Fetch the wheel of each pin into ``dest`` with ``pip download`` (no dependencies, wheels
+    only, from the index and find-links pip is configured with), for this interpreter and
+    platform.
+
+    Raises:
+        UserError: pip failed; the message names the package pip stopped at and quotes its
+            error line.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %d dependency wheels with pip download", len(pins))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "--quiet", "--dest", str(dest), *pins]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return
+    lines = (done.stderr + done.stdout).strip().splitlines()
+    errors = [line for line in lines if line.startswith("ERROR:")] or lines or ["no output"]
+    line = errors[-1].removeprefix("ERROR:").strip()
+    named = [pin for pin in pins if pin in line or pin.split("==")[0] in line]
+    package = named[0] if named else "the dependency wheels"
+    raise UserError(f"pip download of {package} failed (exit {done.returncode}): {line}")
+
+
+def _readme(
+    run_names: Sequence[str], wheel: Path | None, version: str, dependencies: Sequence[str]
+) -> str:
     runs = " ".join(f"$EXPORT/{name}" for name in run_names)
-    if wheel is not None:
+    if dependencies:
+        install = _bundle_install(wheel, version, dependencies)
+    elif wheel is not None:
         install = (
             "pip install --no-index --find-links $EXPORT/wheels lsdc\n"
             "```\n\n"
@@ -283,6 +374,34 @@ def _readme(run_names: Sequence[str], wheel: Path | None, version: str) -> str:
     )
 
 
+def _bundle_install(wheel: Path | None, version: str, dependencies: Sequence[str]) -> str:
+    """The README's install paragraphs for an export that bundles its dependency wheels."""
+    bundled = {canonicalize_name(pin.split("==")[0]) for pin in dependencies}
+    python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
+    where = f"{python} on {platform.system()} {platform.machine()}"
+    paragraphs = [
+        f"pip install --no-index --find-links $EXPORT/wheels lsdc=={version}\n```",
+        f"`wheels/` holds the wheels of the {len(dependencies)} runtime dependencies of lsdc, at "
+        f"the versions installed where it was exported ({where}: the notebook needs the same "
+        f"Python and platform): {', '.join(dependencies)}.",
+    ]
+    if wheel is None:
+        paragraphs.append(f"Exported with --no-wheel: add the lsdc {version} wheel to `wheels/`.")
+    if not bundled >= set(TORCH_DISTRIBUTIONS):
+        torch_pins = [
+            pin
+            for pin in runtime_requirements()
+            if canonicalize_name(Requirement(pin).name) in TORCH_DISTRIBUTIONS
+        ]
+        paragraphs.append(
+            f"It expects {' and '.join(torch_pins)} to be installed, with their own dependencies "
+            "(a Kaggle GPU image has torch and torchvision); where the notebook's torch is another "
+            "version, pip refuses, naming it: then export with `--with-torch`, which bundles "
+            "torch, torchvision and their CUDA libraries too (gigabytes)."
+        )
+    return "\n\n".join(paragraphs)
+
+
 # ------------------------------------------------------------------------------------ the export
 EXPORT_BUSY = "lsdc train (pid {pid}) is writing this run; export it once the training has ended"
 
@@ -292,6 +411,8 @@ def export_runs(
     out_dir: str | Path,
     wheel: bool = True,
     allow_unfinished: bool = False,
+    with_deps: bool = False,
+    with_torch: bool = False,
 ) -> ExportResult:
     """Write the export of ``run_dirs`` to ``out_dir`` (see the module docstring).
 
@@ -305,10 +426,15 @@ def export_runs(
         out_dir: a new or empty folder.
         wheel: also build the lsdc wheel (needs lsdc's source; see :func:`source_root`).
         allow_unfinished: export the folds of an unfinished run that have weights.
+        with_deps: also fetch the wheel of every runtime dependency but torch and torchvision
+            (:func:`dependency_pins`) with ``pip download``, so that the notebook installs with
+            no index.
+        with_torch: bundle torch, torchvision and their dependencies too (implies ``with_deps``).
 
     Raises:
         UserError: a run being trained, an unfinished or incomplete run, two runs of the same
-            name, a non-empty ``out_dir``, or no source to build the wheel from.
+            name, a non-empty ``out_dir``, no source to build the wheel from, a dependency that
+            is not installed, or a ``pip download`` that failed (naming the package).
     """
     out = check_output_dir(out_dir, "--out").absolute()
     if out.is_dir() and any(out.iterdir()):
@@ -319,15 +445,21 @@ def export_runs(
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"two runs share a folder name ({names}); export them separately")
+    pins = dependency_pins(with_torch) if with_deps or with_torch else []
     with contextlib.ExitStack() as locks:
         for r in runs:
             locks.enter_context(reader_lock(r, RunDir(r).lock_name, EXPORT_BUSY))
         folds = [check_exportable(r, allow_unfinished) for r in runs]
-        return _write_export(runs, names, folds, out, wheel)
+        return _write_export(runs, names, folds, out, wheel, pins)
 
 
 def _write_export(
-    runs: list[Path], names: list[str], folds: list[list[FoldDir]], out: Path, wheel: bool
+    runs: list[Path],
+    names: list[str],
+    folds: list[list[FoldDir]],
+    out: Path,
+    wheel: bool,
+    pins: list[str],
 ) -> ExportResult:
     version = importlib.metadata.version(DISTRIBUTION)
     requirements = runtime_requirements()
@@ -336,7 +468,7 @@ def _write_export(
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         with disk_errors(out.parent):
-            _fill_staging(runs, names, folds, staging, wheel, version, requirements)
+            _fill_staging(runs, names, folds, staging, wheel, version, requirements, pins)
         if out.is_dir():
             out.rmdir()
         os.replace(staging, out)
@@ -350,6 +482,7 @@ def _write_export(
         wheel=built,
         runs_bytes=sum(folder_bytes(r) for r in runs),
         export_bytes=folder_bytes(out),
+        dependencies=pins,
     )
 
 
@@ -361,11 +494,14 @@ def _fill_staging(
     wheel: bool,
     version: str,
     requirements: list[str],
+    pins: list[str],
 ) -> None:
     """Write every file of the export into ``staging``."""
+    if pins:
+        download_wheels(pins, staging / WHEEL_DIR)
     for run, name, run_folds in zip(runs, names, folds, strict=True):
         _export_run(run, staging / name, run_folds)
     built = build_wheel(staging / WHEEL_DIR) if wheel else None
     header = f"# runtime dependencies of lsdc {version}, as pinned in its pyproject.toml\n"
     write_text_atomic(header + "\n".join(requirements) + "\n", staging / REQUIREMENTS)
-    write_text_atomic(_readme(names, built, version), staging / README)
+    write_text_atomic(_readme(names, built, version, pins), staging / README)
