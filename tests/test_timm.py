@@ -120,7 +120,7 @@ def test_pretrained_file_loads_into_the_slice_encoder_through_a_config(tmp_path,
     config = load_config(
         "two_stage_demo",
         [
-            "model.params={backbone: 'timm:test_resnet', pooling: gru}",
+            "model.params={backbone: 'timm:test_resnet', pooling: gru, widths: null, layers: null}",
             f"model.params.pretrained={path}",
         ],
     )
@@ -153,7 +153,7 @@ def test_pretrained_file_loads_into_the_25d_grader_and_the_localizer(tmp_path, s
 
 def test_a_wrong_pretrained_file_is_one_line_naming_key_file_and_shapes(tmp_path) -> None:
     path, state = _weights_file(tmp_path, "test_resnet", ".pth")
-    grader = ["model.params={backbone: 'timm:test_convnext'}"]
+    grader = ["model.params={backbone: 'timm:test_convnext', widths: null, layers: null}"]
 
     def build(*overrides: str):
         config = load_config("two_stage_demo", [*grader, *overrides])
@@ -170,7 +170,7 @@ def test_a_wrong_pretrained_file_is_one_line_naming_key_file_and_shapes(tmp_path
     )
     state["layer1.0.conv1.weight"] = torch.zeros(8, 8, 3, 3)
     torch.save(state, path)
-    grader[0] = "model.params={backbone: 'timm:test_resnet'}"
+    grader[0] = "model.params={backbone: 'timm:test_resnet', widths: null, layers: null}"
     with pytest.raises(
         UserError,
         match=r"tensor 'layer1.0.conv1.weight' has shape \(8, 8, 3, 3\) "
