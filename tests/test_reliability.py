@@ -143,7 +143,7 @@ def test_a_second_preprocess_refuses_a_busy_cache_and_the_cache_ends_correct(
 
 
 def test_a_rerun_redoes_the_entries_whose_files_do_not_match_their_record(
-    synth_root, synth_cache, tmp_path, capsys
+    synth_root, synth_cache, tmp_path, caplog
 ):
     cache = tmp_path / "cache"
     shutil.copytree(synth_cache, cache)
@@ -152,9 +152,10 @@ def test_a_rerun_redoes_the_entries_whose_files_do_not_match_their_record(
     truncated = entries[1] / "0.npy"
     truncated.write_bytes(truncated.read_bytes()[:-64])
     (entries[2] / "series.json").write_text("{")
-    preprocess_split(synth_root, cache, "train", progress=False)
+    with caplog.at_level("WARNING", logger="lsdc"):
+        preprocess_split(synth_root, cache, "train", progress=False)
     assert tree(cache) == tree(synth_cache)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert err.count("broken cache entry") == 3
     assert f"{entries[0]}: broken cache entry (0.npy missing)" in err
     assert "0.npy has" in err and "series.json unreadable" in err
