@@ -55,8 +55,8 @@ from lsdc.preprocessing.cache import (
     preprocess_split,
     read_cache_index,
     resample_stack,
-    stack_paths,
 )
+from lsdc.preprocessing.cachedir import CacheDir
 from lsdc.preprocessing.geometry import StackGeometry, canonical_flips
 from lsdc.synth.config import REALISM_RATES, SynthConfig
 from lsdc.synth.generator import synthesize
@@ -230,7 +230,7 @@ def test_reversed_storage_is_flipped_back_at_preprocess(reversed_pair) -> None:
             a.geometry.voxel_to_patient(voxels), b.geometry.voxel_to_patient(voxels), atol=0.05
         )
         sidecar = json.loads(
-            stack_paths(flipped_cache, r.study_id, r.series_id, r.stack)[1].read_text()
+            CacheDir(flipped_cache).stack(r.study_id, r.series_id, r.stack)[1].read_text()
         )
         flips.append((sidecar["flipped"]["rows"], sidecar["flipped"]["columns"]))
     assert set(flips) <= {(True, False), (False, True), (True, True)}

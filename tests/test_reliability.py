@@ -24,7 +24,8 @@ from lsdc.config import ConfigError, load_config
 from lsdc.contract import PRED_COLUMNS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.inference.predict import predict_split
-from lsdc.preprocessing.cache import CACHE_FORMAT, DERIVED_FORMAT, preprocess_split
+from lsdc.preprocessing.cache import CACHE_FORMAT, preprocess_split
+from lsdc.preprocessing.cachedir import DERIVED_FORMAT
 from lsdc.rundir import RunDir
 from lsdc.training.engine import RUN_BUSY, check_run_dir
 from lsdc.utils import reader_lock, write_json_atomic, writer_lock

@@ -158,6 +158,8 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
+    from lsdc.preprocessing.cachedir import CacheDir
+
     report = api.preprocess(
         args.data,
         args.cache,
@@ -169,7 +171,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     counts = report["status"].value_counts()
     print(
         f"{counts.get('ok', 0)} stacks ok, {counts.get('warning', 0)} with warnings, "
-        f"{counts.get('error', 0)} series failed; report: {args.cache / 'preprocess_report.csv'}"
+        f"{counts.get('error', 0)} series failed; report: {CacheDir(args.cache).report}"
     )
     return 0
 

@@ -168,13 +168,9 @@ def _series_status(
     study_ids: Sequence[int], series: pd.DataFrame, cache_dir: Path, preprocess_error: str
 ) -> pd.DataFrame:
     """Per study: how many series were listed and read, what is missing, and why."""
-    from lsdc.preprocessing.cache import REPORT_COLUMNS as CACHE_REPORT_COLUMNS
+    from lsdc.preprocessing.cachedir import CacheDir
 
-    report_path = cache_dir / "preprocess_report.csv"
-    if report_path.is_file():
-        cache_report = pd.read_csv(report_path, dtype={"message": str}, keep_default_na=False)
-    else:
-        cache_report = pd.DataFrame(columns=CACHE_REPORT_COLUMNS)
+    cache_report = CacheDir(cache_dir).read_report()
     read = cache_report[cache_report["status"] != "error"]
     noted = cache_report[cache_report["message"].astype(str) != ""]
     rows = []
