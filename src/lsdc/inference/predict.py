@@ -24,9 +24,10 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -50,8 +51,8 @@ from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
 from lsdc.utils import check_input_dir, check_output_dir, check_output_file
 
-PredictRunFn = Callable[..., np.ndarray]
-"""``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
+if TYPE_CHECKING:
+    from lsdc.tasks.served import ServedRun
 
 log = logging.getLogger(__name__)
 
@@ -231,30 +232,21 @@ def _prior_row_notes(runs: Sequence[Path], status: pd.DataFrame) -> dict[int, st
 
 # -------------------------------------------------------------------------------- prediction
 def _run_predictions(
-    predict_fn: PredictRunFn,
-    run_dir: Path,
-    cache_dir: Path,
-    study_ids: list[int],
-    tta_flip: bool,
-    device: str | None,
+    served: ServedRun, study_ids: list[int], tta_flip: bool
 ) -> tuple[np.ndarray, dict[int, str]]:
     """(n, 25, 3) of one run, NaN where it failed, and the failure message per study.
 
     The whole batch is tried first (fast); if it raises, each study alone, so one poisoned study
     costs only itself.
     """
+    run_dir = served.run_dir
     out = np.full((len(study_ids), N_LABELS, N_CLASSES), np.nan)
     failures: dict[int, str] = {}
     if not study_ids:
         return out, failures
 
     def call(ids: list[int]) -> np.ndarray:
-        probs = np.asarray(predict_fn(run_dir, cache_dir, ids, tta_flip=tta_flip, device=device))
-        if probs.shape != (len(ids), N_LABELS, N_CLASSES):
-            raise ValueError(
-                f"predict_run returned shape {probs.shape}, expected ({len(ids)}, 25, 3)"
-            )
-        return probs
+        return served.predict(ids, tta=tta_flip)
 
     try:
         out[:] = call(study_ids)
@@ -315,7 +307,6 @@ def predict_split(
     device: str | None = None,
     progress: bool = True,
     allow_fallback: bool = False,
-    predict_fn: PredictRunFn | None = None,
     check_descriptions: bool = False,
 ) -> PredictResult:
     """Write ``out_path`` (the submission) and ``predict_report.csv`` beside it.
@@ -335,8 +326,6 @@ def predict_split(
             configs, a missing device, a bad worker count, an unusable cache, preprocessing that
             crashes), give the studies concerned the class prior, with a warning and a report
             line, instead of refusing.
-        predict_fn: stand-in for the served runs' ``predict`` (tests), called as
-            :data:`PredictRunFn`.
         check_descriptions: also compare each listed series' description with the role its
             DICOM headers give, warn where they disagree and write ``series_roles.csv``
             beside the submission (:func:`lsdc.inference.dicom_input.check_descriptions`).
@@ -374,9 +363,6 @@ def predict_split(
             except UserError as exc:
                 for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
 
-        def serve(run_dir: Path, cache_dir: Path, ids: list[int], **kw: object) -> np.ndarray:
-            return served[run_dir].predict(ids, tta=bool(kw.get("tta_flip")))
-
         row_ids, series = list_studies(data_root, split)
         study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
         if check_descriptions:
@@ -400,9 +386,7 @@ def predict_split(
                 probs = np.full((len(usable), N_LABELS, N_CLASSES), np.nan)
                 run_failures = dict.fromkeys(usable, f"{run.name}: {for_run[run]}")
             else:
-                probs, run_failures = _run_predictions(
-                    predict_fn or serve, run, cache, usable, tta_flip, device
-                )
+                probs, run_failures = _run_predictions(served[run], usable, tta_flip)
             per_run.append(probs)
             for sid, msg in run_failures.items():
                 failures[sid] = "; ".join(filter(None, [failures.get(sid, ""), msg]))

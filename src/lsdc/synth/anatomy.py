@@ -673,69 +673,113 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
             _paint_recess_and_root(canvas, spine, d, side)
 
 
-def _superellipse(u, a, hw, front, back):
-    """Kidney-like footprint of a body: round in front, flatter at the back."""
-    rear = a > 0
-    out = (u / hw) ** 2
-    ra = a / np.where(rear, back, front)
-    ra = ra * ra
-    out += np.where(rear, ra * ra, ra)
-    return out
+def _footprint(u, a, hw, front, back, indent):
+    """Inside test of a vertebral footprint (a bean): an elliptic front, a flat back with a
+    concave middle between its posterolateral corners. Arrays of half-sizes broadcast."""
+    t = np.minimum(np.abs(u) / np.maximum(hw, np.float32(1e-3)), np.float32(1.0))
+    t2 = t * t
+    front_at = front * np.sqrt(1 - t2)
+    back_at = back * np.sqrt(np.sqrt(1 - t2 * t2))
+    back_at = back_at - indent * np.maximum(np.float32(1.0) - np.float32(1.56) * t2, 0)
+    return (np.abs(u) <= hw) & (a >= -front_at) & (a <= back_at)
+
+
+BODY_CORNER = 8
+"""Exponent of a body's rounded rim: its footprint shrinks as (1 - |q|^8)^(1/8) toward the
+endplates (q = -1..1 over its height), a rounded corner of about 2 mm."""
+
+
+def _body_mask(u, a, w, hw, dd, top, bottom, cave, waist, indent, inset=0.0, inset_w=0.0):
+    """A vertebral body in its own frame: the bean footprint, concave walls (``waist``: front,
+    back, side, shares of the half-sizes lost at mid-height), endplates dipping ``cave`` mm at
+    the centre, and a rounded rim; ``inset`` / ``inset_w`` shrink it (the marrow inside the
+    cortex)."""
+    f32 = np.float32
+    rim = np.minimum((u / f32(hw)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
+    dip = f32(cave) * (1 - rim)
+    hi, lo = top - dip - f32(inset_w), bottom + dip + f32(inset_w)
+    mid, half = (hi + lo) * f32(0.5), np.maximum((hi - lo) * f32(0.5), f32(0.1))
+    q = np.minimum(np.abs(w - mid) / half, f32(1.0))
+    pinch = 1 - q * q
+    q4 = q * q * q * q
+    round_ = (1 - q4 * q4) ** f32(1 / BODY_CORNER)
+    front = (f32(dd) * (1 - f32(waist[0]) * pinch) - f32(inset)) * round_
+    back = (f32(dd) * (1 - f32(waist[1]) * pinch) - f32(inset)) * round_
+    side = (f32(hw) * (1 - f32(waist[2]) * pinch) - f32(inset)) * round_
+    inside = _footprint(u, a, side, front, back, f32(indent) * round_)
+    return inside & (w <= hi) & (w >= lo)
+
+
+ENDPLATE_DIP = 0.075
+"""Depth of an endplate's concavity at its centre, as a share of its body's height (~2 mm)."""
+BODY_WAIST = (0.14, 0.05, 0.06)
+"""Shares of a body's half depth (front, back) and half width lost at mid-height: the concave
+anterior wall of a lumbar body in profile, gentler behind and at the sides."""
 
 
 def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
-    """A vertebral body: cortex shell, concave waist, flat endplates, marrow inside."""
+    """A vertebral body: a bean-shaped footprint (concave behind), waisted walls, endplates
+    dipping toward the centre, a rounded rim, a thin cortex around marrow, and the
+    basivertebral vein's notch in the posterior wall."""
     h, dd, ww = body.height, body.depth / 2, body.width / 2
-    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 3, h / 2 + 3))
+    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 1, h / 2 + 1))
     if picked is None:
         return
     box, index, u, a, w = picked
     t = np.float32(np.tan(body.wedge / 2))
     top = np.float32(h / 2) - a * t
     bottom = -np.float32(h / 2) + a * t
-    rel = np.clip(w / np.float32(h / 2), -1, 1)
-    pinch = 1 - rel * rel
-    waist = np.float32(1.0) - np.float32(0.1) * pinch  # the concave front
-    side = np.float32(1.0) - np.float32(0.03) * pinch  # and a gentler side
-    foot = _superellipse(u, a, np.float32(ww) * side, np.float32(dd) * waist, np.float32(dd))
-    inside = (foot <= 1.0) & (w <= top) & (w >= bottom)
-    shell = np.float32(1.4)
-    inner = _superellipse(u, a, np.float32(ww - 1.6) * side, np.float32(dd - 1.6) * waist,
-                          np.float32(dd - 1.6))  # fmt: skip
-    marrow = inside & (inner <= 1.0) & (w <= top - shell) & (w >= bottom + shell)
+    cave = ENDPLATE_DIP * h
+    waist = (0.04, 0.02, 0.03) if sacral else BODY_WAIST
+    indent = 0.14 * dd
+    inside = _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent)
+    marrow = inside & _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent, 1.5, 0.9)
     codes = np.zeros(u.shape, dtype=np.uint8)
     codes[inside] = CORTEX
     codes[marrow] = MARROW
     if not sacral:
-        # The basivertebral vein: a small notch of venous fat/blood at the posterior wall.
-        notch = (np.abs(w) < 2.0) & (np.abs(u) < 3.0) & (a > dd - 5.0) & inside
+        notch = (np.abs(w) < 2.2 - 0.4 * (a - dd * 0.86 + 4.5)) & (np.abs(u) < 3.0)
+        notch &= (a > dd * 0.86 - 4.5) & inside
         codes[notch] = FAT
     canvas.write(box, index, codes)
 
 
 def _paint_disc(canvas: Canvas, spine: Spine, d: int, disc: Segment) -> None:
-    """A wedge disc: annulus around a nucleus (T2 brightness and height from its
-    degeneration), with an intranuclear cleft in the older ones."""
+    """A disc filling the space between its bodies' concave endplates (a wedge-shaped lens):
+    the annulus bulging a little beyond the bodies' rims at mid-height, around an elliptic
+    nucleus (its T2 brightness and height from its degeneration), with an intranuclear cleft
+    in the older ones."""
     h, dd, ww = disc.height, disc.depth / 2, disc.width / 2
-    picked = _select(canvas, disc, (-ww - 2, ww + 2), (-dd - 2, dd + 2), (-h / 2 - 4, h / 2 + 4))
+    caves = (ENDPLATE_DIP * spine.bodies[d].height, ENDPLATE_DIP * spine.bodies[d + 1].height)
+    reach = h / 2 + max(caves) + 1
+    picked = _select(canvas, disc, (-ww - 2, ww + 2), (-dd - 2, dd + 2), (-reach, reach))
     if picked is None:
         return
     box, index, u, a, w = picked
-    t = np.float32(np.tan(disc.wedge / 2))
-    half = np.float32(h / 2 + 2.5) - a * t  # overlaps the endplates; bodies paint over it
-    foot = _superellipse(u, a, np.float32(ww + 1.0), np.float32(dd + 1.0), np.float32(dd + 0.5))
-    inside = (foot <= 1.0) & (np.abs(w) <= half)
+    f32 = np.float32
+    t = f32(np.tan(disc.wedge / 2))
+    rim = np.minimum((u / f32(ww)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
+    half = f32(h / 2) - a * t
+    top = half + f32(caves[0]) * (1 - rim)
+    bottom = -half - f32(caves[1]) * (1 - rim)
+    q = np.clip(w / np.maximum(half, f32(0.5)), -1, 1)
+    bulge = 1 - q * q
+    inside = _footprint(u, a, f32(ww) + f32(1.2) * bulge, f32(dd) + f32(1.5) * bulge,
+                        f32(dd) * (1 - f32(0.05) * (1 - bulge)) + f32(0.8) * bulge,
+                        f32(0.03 * dd))  # fmt: skip
+    inside &= (w <= top + f32(0.8)) & (w >= bottom - f32(0.8))
     g = float(spine.degeneration[d])
-    hn = (np.float32(h / 2) - a * t) * np.float32(0.72 - 0.25 * g)
-    nuc = (u / np.float32(ww * (0.72 - 0.2 * g))) ** 2
-    nuc = nuc + ((a - np.float32(0.1 * dd)) / np.float32(dd * (0.68 - 0.2 * g))) ** 2
-    nuc = nuc + (w / np.maximum(hn, np.float32(0.5))) ** 2
+    lens = (top - bottom) * f32(0.5) * f32(0.78 - 0.3 * g)
+    centre_w = (top + bottom) * f32(0.5)
+    nuc = (u / f32(ww * (0.66 - 0.18 * g))) ** 2
+    nuc = nuc + ((a - f32(0.08 * dd)) / f32(dd * (0.62 - 0.18 * g))) ** 2
+    nuc = nuc + ((w - centre_w) / np.maximum(lens, f32(0.5))) ** 2
     codes = np.zeros(u.shape, dtype=np.uint8)
     codes[inside] = ANNULUS
     nucleus = inside & (nuc <= 1.0)
     codes[nucleus] = NUCLEUS + min(d - 1, N_DISCS - 1) if d >= 1 else NUCLEUS
     if g > 0.3:
-        codes[nucleus & (np.abs(w) < np.float32(0.4 + 0.8 * g))] = ANNULUS
+        codes[nucleus & (np.abs(w - centre_w) < f32(0.4 + 0.8 * g))] = ANNULUS
     canvas.write(box, index, codes)
 
 
