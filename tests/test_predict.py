@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
 from fixed_task import known_probs, make_fixed_run
 
@@ -281,3 +282,26 @@ def test_prior_submission_gives_each_row_its_label_prior(tmp_path) -> None:
     sub = prior_submission(tmp_path, rows)
     assert sub["row_id"].tolist() == rows
     np.testing.assert_allclose(sub[list(PRED_COLUMNS)].to_numpy(), prior[[24, 0]])
+
+
+def test_predict_chooses_torch_threads_like_training(root, tmp_path, monkeypatch) -> None:
+    """0 threads: the usable CPUs less the run's loader workers; a count given is kept; a
+    negative count is refused before anything is written."""
+    set_threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_threads.append)
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(8)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    run = make_run(tmp_path / "run")
+    stub = torch.load(run / "fold0" / "best.pt")
+    stub["config"]["data"]["num_workers"] = 1
+    torch.save(stub, run / "fold0" / "best.pt")
+    out = tmp_path / "submission.csv"
+    predict_split(root, [run], out, progress=False)
+    predict_split(root, [run], out, threads=2, progress=False)
+    assert set_threads == [7, 2]
+    out.unlink()
+    with pytest.raises(UserError, match="--threads must be 0"):
+        predict_split(root, [run], out, threads=-1, progress=False)
+    assert not out.exists()

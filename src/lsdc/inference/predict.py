@@ -305,6 +305,7 @@ def predict_split(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     device: str | None = None,
+    threads: int = 0,
     progress: bool = True,
     allow_fallback: bool = False,
     check_descriptions: bool = False,
@@ -321,6 +322,8 @@ def predict_split(
         cache_dir: keep the preprocessed cache here; default a temporary folder, removed after.
         workers: preprocessing processes.
         device: torch device for the model; None picks CUDA when available.
+        threads: torch threads of the model; 0 chooses them as training does (the usable CPUs
+            less the loader workers of the runs' configs, :func:`lsdc.distributed.choose_threads`).
         progress: show progress bars.
         allow_fallback: where the tools fail (a fold that cannot load, folds of different
             configs, a missing device, a bad worker count, an unusable cache, preprocessing that
@@ -332,11 +335,15 @@ def predict_split(
 
     Raises:
         UserError: a run folder is unusable, neither CSV lists a study, ``out_path`` cannot be
-            written, or (without ``allow_fallback``) one of the tool failures above. Nothing
-            about the images themselves raises: bad series degrade to the prior and a report line.
+            written, ``threads`` is negative, or (without ``allow_fallback``) one of the tool
+            failures above. Nothing about the images themselves raises: bad series degrade to
+            the prior and a report line.
     """
+    from lsdc.distributed import set_torch_threads
     from lsdc.tasks.served import ServedRun
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UserError(f"--threads must be 0 (automatic) or more, got {threads!r}")
     data_root, out_path = Path(data_root), Path(out_path)
     check_output_file(out_path, "--out")
     runs = [check_run(r) for r in run_dirs]
@@ -362,6 +369,9 @@ def predict_split(
                 served[run] = ServedRun(run, cache, device)
             except UserError as exc:
                 for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
+        set_torch_threads(
+            threads, max((s.config.data.num_workers for s in served.values()), default=0)
+        )
 
         row_ids, series = list_studies(data_root, split)
         study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
