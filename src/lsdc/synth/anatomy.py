@@ -106,6 +106,8 @@ class Spine:
         organs: (n, 7) bowel loops and kidneys: centre xyz, semi-axes xyz, code.
         deformation: (3, 7) elastic field: amplitude xyz, wave vector xyz, phase.
         marrow_fat: fat fraction of the vertebral marrow.
+        conus_z: height of the conus's tip.
+        paraspinal: semi-axes (u, a) of the multifidus and of the erector spinae (mm).
     """
 
     centre: np.ndarray
@@ -123,6 +125,7 @@ class Spine:
     deformation: np.ndarray
     marrow_fat: float
     conus_z: float
+    paraspinal: tuple[float, float, float, float]  # multifidus, erector spinae semi-axes (u, a)
     canal_knots: np.ndarray = field(repr=False)  # (k, 4): z, y, alpha, index along the chain
 
     # ------------------------------------------------------------------ geometry the plans use
@@ -334,6 +337,7 @@ def draw_spine(
         deformation=deformation,
         marrow_fat=float(np.clip(rng.lognormal(np.log(0.35), 0.4), 0.08, 0.8)),
         conus_z=float(conus_disc.centre[2] + rng.uniform(-25.0, 5.0)),
+        paraspinal=tuple(float(v) for v in rng.uniform(0.85, 1.15, 4) * (13.0, 16.0, 27.0, 18.0)),
         canal_knots=knots,
     )
 
@@ -412,75 +416,101 @@ def _canal_box(spine: Spine, half_u: float, a_range: tuple):
 
 
 def paint_trunk(canvas: Canvas, spine: Spine) -> None:
-    """Skin, subcutaneous fat, muscle wall, viscera, retroperitoneal fat, organs, vessels and
-    the paraspinal muscles: large smooth structures, painted on the middle sub-sample only and
-    copied to the others (they barely change over a slice's thickness). Each structure is
-    tested only on the points its neighbourhood (in canal coordinates) holds."""
+    """Skin, subcutaneous fat, the abdominal wall, viscera, retroperitoneal fat, organs, vessels
+    and the muscles beside and behind the spine: large smooth structures, painted on the middle
+    sub-sample only and copied to the others (they barely change over a slice's thickness).
+    Each structure is tested only on the points its neighbourhood (in canal coordinates)
+    holds."""
+    f32 = np.float32
     mid = canvas.shape[3] // 2
     full = (slice(None), slice(None), slice(None), slice(mid, mid + 1))
     table = profiles(spine)
     zi = _zindex(canvas, spine, full).reshape(-1)
     x, y, _ = (v.reshape(-1) for v in canvas.mid_points)
-    u = x - np.float32(spine.centre[0])
+    u = x - f32(spine.centre[0])
     ac = (y - table.canal_y[zi]) * table.canal_cos[zi]
     sc = spine.scale
     tx, ty = spine.trunk
     f = spine.fat
     codes = np.zeros(u.shape, dtype=np.uint8)
-    # Trunk ellipse in (u, a): its back at a = back.
-    a_t = ac - np.float32(spine.back - ty)
-    rho = (u * np.float32(1 / tx)) ** 2 + (a_t * np.float32(1 / ty)) ** 2
-    codes[rho <= 1.0] = SKIN
-    codes[rho <= (1 - 2.5 / ty) ** 2] = FAT
-    inner = (u * np.float32(1 / (tx - f))) ** 2 + (a_t * np.float32(1 / (ty - f * 0.8))) ** 2
-    codes[inner <= 1.0] = MUSCLE
-    wall = 10.0 * sc
-    cavity = (u * np.float32(1 / (tx - f - wall))) ** 2
-    cavity += (a_t * np.float32(1 / (ty - f - wall))) ** 2
-    codes[(cavity <= 1.0) & (ac < -10)] = VISCERA
+    # The outline in (u, a): round in front, flatter behind with the midline furrow between
+    # the erector spinae; r2 (r squared) = 1 at the skin.
+    a_t = ac - f32(spine.back - ty)
+    un = u * f32(1 / tx)
+    un2 = un * un
+    an_ = a_t * f32(1 / ty)
+    r2 = un2 + an_ * an_  # r squared: an ellipse in front
+    behind = np.flatnonzero(a_t > 0)  # a squircle behind, with the furrow
+    groove = f32(4.0 * sc / ty) / (1 + (u[behind] * f32(1 / (16.0 * sc))) ** 2) ** 2
+    an2 = (an_[behind] + groove) ** 2
+    r2[behind] = np.sqrt(un2[behind] ** 2 + an2 * an2)
+    codes[r2 <= 1.0] = SKIN
+    codes[r2 <= (1 - 2.5 / ty) ** 2] = FAT
+    r_wall = 1 - f / ty
+    wall = 10.0 * sc / ty
+    # The peritoneal cavity's back wall: in front of the great vessels in the midline, curving
+    # back in front of the psoas and quadratus lumborum to the flanks.
+    lumbar_depth = np.mean([b.depth for b in spine.bodies[2:7]])
+    body_a = -(lumbar_depth / 2 + 8.5 * sc)  # as Profiles.body_a, its lumbar mean
+    divide = f32(body_a - 26 * sc) + f32(37 * sc) * (u * f32(1 / (62.0 * sc))) ** 2
+    au = np.abs(u)
+    flank = (au > f32(spine.paraspinal[0] * 1.6 * sc + spine.paraspinal[2] * 1.8 * sc)) & (
+        ac < f32(spine.back - f - 14 * sc)
+    )
+    in_cavity = r2 <= (r_wall - wall) ** 2
+    in_wall = (r2 <= r_wall**2) & ~in_cavity
+    codes[in_wall & ((ac < f32(8 * sc)) | flank)] = MUSCLE
+    codes[in_cavity & (ac < divide)] = VISCERA
 
     def subset(mask: np.ndarray):
         index = np.flatnonzero(mask)
         return index, u[index], ac[index], zi[index], codes[index]
 
-    # Near the spine: retroperitoneal fat, psoas, quadratus lumborum, aorta and cava.
-    index, su, sa, szi, sub = subset((ac < 20 * sc) & (ac > -110 * sc) & (np.abs(u) < 110 * sc))
+    # Near the spine: psoas, quadratus lumborum, aorta and cava in the retroperitoneal fat.
+    index, su, sa, szi, sub = subset((ac < 10 * sc) & (ac > -75 * sc) & (au < 90 * sc))
     half_w, body_a, psoas_r = table.body_hw[szi], table.body_a[szi], table.psoas_r[szi]
-    retro = (su / (half_w + np.float32(25 * sc))) ** 2
-    retro += ((sa - body_a + np.float32(4 * sc)) / np.float32(20 * sc)) ** 2
-    sub[(retro <= 1.0) & (sub == VISCERA)] = FAT
     l5_z = spine.bodies[6].centre[2]
     above_l5 = table_z(table, szi) > l5_z
     for side in (-1.0, 1.0):
-        s32 = np.float32(side)
-        pu = su - s32 * (half_w + psoas_r * np.float32(0.55))
-        pa = sa - (body_a + np.float32(3.0 * sc))
-        psoas = (pu / (psoas_r * np.float32(0.9) + 1)) ** 2 + (
-            pa / (psoas_r * np.float32(0.75) + 1)
-        ) ** 2
-        sub[(psoas <= 1.3) & (sub != SKIN)] = FAT
+        s32 = f32(side)
+        pu = su - s32 * (half_w + psoas_r * f32(0.55))
+        pa = sa - (body_a + f32(3.0 * sc))
+        psoas = (pu / (psoas_r * f32(0.9) + 1)) ** 2 + (pa / (psoas_r * f32(0.75) + 1)) ** 2
+        sub[(psoas <= 1.12) & (sub != SKIN)] = FAT
         sub[psoas <= 1.0] = MUSCLE
-        ql = ((su - s32 * (half_w + np.float32(38 * sc))) / np.float32(17 * sc)) ** 2
-        ql += ((sa + np.float32(4 * sc)) / np.float32(8 * sc)) ** 2
+        ql = ((su - s32 * (half_w + f32(38 * sc))) / f32(17 * sc)) ** 2
+        ql += ((sa + f32(4 * sc)) / f32(8 * sc)) ** 2
         sub[(ql <= 1.0) & above_l5 & (sub == FAT)] = MUSCLE
     aorta_split = spine.bodies[5].centre[2]  # L4
     split = table_z(table, szi) < aorta_split
     for side, radius, flat in ((1.0, 9.0, 1.0), (-1.0, 10.0, 0.65)):
-        vu = np.where(split, np.abs(su) - np.float32(18 * sc), su - np.float32(side * 14 * sc))
-        va = sa - (body_a - np.float32(radius * sc + 4))
-        r = np.where(split, np.float32(0.6 * radius * sc), np.float32(radius * sc))
-        vessel = (vu / r) ** 2 + (va / (r * np.float32(flat))) ** 2 <= 1.0
+        vu = np.where(split, np.abs(su) - f32(18 * sc), su - f32(side * 14 * sc))
+        va = sa - (body_a - f32(radius * sc + 4))
+        rad = np.where(split, f32(0.6 * radius * sc), f32(radius * sc))
+        vessel = (vu / rad) ** 2 + (va / (rad * f32(flat))) ** 2 <= 1.0
         sub[vessel & (sub != MUSCLE)] = VESSEL
     codes[index] = sub
-    # Behind the canal: multifidus and the erector spinae with a thin fat septum between
-    # them, and the thoracolumbar fascia's fat plane at their lateral edge.
-    index, su, sa, _, sub = subset((ac > 0) & (codes == MUSCLE))
+    # Behind the spine: the multifidus in the laminar gutter beside the spinous processes and
+    # the erector spinae lateral to it (longissimus and iliocostalis), each wrapped in a thin
+    # fat plane; their sizes vary per study, not with any label.
+    mf_u, es_u = f32(spine.paraspinal[0] * sc), f32(spine.paraspinal[2] * sc)
+    back = f32(spine.back - f - 2.0)  # the thoracolumbar fascia, under the subcutaneous fat
+    mf_a = (back - f32(6 * sc)) * f32(0.5 * spine.paraspinal[1] / 16.0)
+    es_a = (back + f32(4 * sc)) * f32(0.5 * spine.paraspinal[3] / 18.0)
+    es_c = f32(2.0 * sc) + f32(1.6) * mf_u + es_u  # the erector spinae's centre, |u|
+    reach = (ac > back - 2 * es_a) & (ac < back) & (au < es_c + es_u)
+    index, su, sa, _, sub = subset(reach & ((codes == FAT) | (codes == MUSCLE)))
     au = np.abs(su)
-    septum = np.abs(au - np.float32(20.0 * sc) - np.float32(0.25) * (sa - np.float32(10.0 * sc)))
-    back_muscle = (sa > 12.0 * sc) & (sa < np.float32(spine.back - f - 4))
-    sub[(septum < 0.9) & back_muscle] = FAT
-    fascia = np.abs(au - np.float32(62.0 * sc) + np.float32(0.3) * (sa - np.float32(10.0 * sc)))
-    sub[fascia < 1.2] = FAT
+    along_es = (sa - back + es_a) * (1 / es_a)
+    lateral = (au - es_c) * (1 / es_u)
+    es = lateral * lateral + along_es * along_es
+    sub[es <= 1.0] = MUSCLE
+    split_es = np.abs(lateral + f32(0.1) - f32(0.25) * along_es + f32(0.2) * along_es**2)
+    sub[(es <= 0.9) & (split_es * es_u < 0.7)] = FAT
+    mf = ((au - f32(2.5 * sc) - mf_u) * (1 / mf_u)) ** 2
+    mf += ((sa - back + mf_a) * (1 / mf_a)) ** 2
+    sub[mf <= 1.12] = FAT
+    sub[(mf <= 1.0) & (au >= 0.8)] = MUSCLE
     codes[index] = sub
     plane = codes.reshape(canvas.shape[:3])
     for row in spine.organs:
@@ -489,11 +519,12 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
         if box is None:
             continue
         ox, oy, oz = (p[box[:3]] for p in canvas.mid_points)
-        inside = ((ox - np.float32(c[0])) / np.float32(semi[0])) ** 2
-        inside += ((oy - np.float32(c[1])) / np.float32(semi[1])) ** 2
-        inside += ((oz - np.float32(c[2])) / np.float32(semi[2])) ** 2
+        inside = ((ox - f32(c[0])) / f32(semi[0])) ** 2
+        inside += ((oy - f32(c[1])) / f32(semi[1])) ** 2
+        inside += ((oz - f32(c[2])) / f32(semi[2])) ** 2
         part = plane[box[:3]]
-        part[(inside <= 1.0) & (part == VISCERA)] = code
+        room = (part == VISCERA) | ((part == FAT) & (code == KIDNEY))
+        part[(inside <= 1.0) & room] = code
     canvas.codes[...] = plane[..., None]  # the middle sub-sample's codes for all
 
 
@@ -784,75 +815,112 @@ def _paint_disc(canvas: Canvas, spine: Spine, d: int, disc: Segment) -> None:
 
 
 def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segment) -> None:
-    """Pedicles, transverse processes, laminae and the spinous process of vertebra ``k``."""
+    """Pedicles, transverse processes, laminae, the spinous process and the interspinous
+    ligament of vertebra ``k``: solid bone (a cortex around marrow). Each part is tested on
+    the points of its own box only."""
     sc = spine.scale
+    f32 = np.float32
     canal_hw, canal_ap, ped_hw, tp_len = spine.posterior[k]
     h, dd = body.height, body.depth / 2
     ped_hh = 6.5 * sc
     wp = h / 2 - 8.0 * sc
     ped_u = canal_hw + ped_hw - 1.0
+    rim = f32(1.3 * sc)
+    lam_t = 5.5 * sc
+    sp_len = 28.0 * sc
+    roof = dd + canal_ap  # the canal's roof in the midline
+
+    def paint(u_lim: tuple, a_lim: tuple, w_lim: tuple, shapes) -> None:
+        picked = _select(canvas, body, u_lim, a_lim, w_lim)
+        if picked is None:
+            return
+        box, index, u, a, w = picked
+        codes = np.zeros(u.shape, dtype=np.uint8)
+
+        def bone(outer: np.ndarray, inner: np.ndarray) -> None:
+            codes[outer] = CORTEX
+            codes[outer & inner] = MARROW
+
+        shapes(np.abs(u), a, w, codes, bone)
+        canvas.write(box, index, codes)
+
+    def pedicles(au, a, w, codes, bone) -> None:
+        # Thick bars from the body's back into the articular pillar, rounded behind.
+        ped_a0, ped_a1 = dd - 4, dd + 0.8 * canal_ap
+        pa = (a - f32((ped_a0 + ped_a1) / 2)) / f32((ped_a1 - ped_a0) / 2)
+        pa8 = pa**8
+        du, dw = au - f32(ped_u), w - f32(wp)
+        rho = (du / f32(ped_hw)) ** 2 + (dw / f32(ped_hh)) ** 2 + pa8
+        rho_in = (du / f32(ped_hw - 1.3 * sc)) ** 2 + (dw / f32(ped_hh - 1.3 * sc)) ** 2
+        bone(rho <= 1, (rho_in + pa8 * f32(1.3) <= 1))
+        if tp_len > 0:  # transverse processes: outward from the pedicle, tapering
+            ta = (a - f32(dd + 0.6 * canal_ap)) / f32(3.8 * sc)
+            tw = (w - f32(wp)) / f32(5.5 * sc)
+            tu = (au > ped_u) & (au < ped_u + ped_hw + tp_len)
+            tip = 1 - 0.45 * np.clip((au - f32(ped_u + ped_hw)) / f32(tp_len), 0, 1)
+            r = ta * ta + (tw / tip) ** 2
+            bone((r <= 1) & tu, (r <= 0.45) & (au < ped_u + ped_hw + tp_len - 1.3))
+
     reach_u = ped_u + ped_hw + tp_len + 2
-    a_back = dd + canal_ap + 35 * sc
-    picked = _select(canvas, body, (-reach_u, reach_u), (dd - 5, a_back), (-h / 2 - 14, h / 2 + 4))
-    if picked is None:
-        return
-    box, index, u, a, w = picked
-    au = np.abs(u)
-    codes = np.zeros(u.shape, dtype=np.uint8)
+    paint((-reach_u, reach_u), (dd - 5, dd + 0.8 * canal_ap + 4), (wp - 7, wp + 7), pedicles)
 
-    def bone(mask_outer, mask_inner):
-        codes[mask_outer] = CORTEX
-        codes[mask_inner] = MARROW
+    w_lo = -h / 2 - 10 * sc
+    lam_u = canal_hw + ped_hw + 1
 
-    # Pedicles: elliptic cylinders along a, from the body's back to the articular pillar.
-    pu = (au - np.float32(ped_u)) / np.float32(ped_hw)
-    pw = (w - np.float32(wp)) / np.float32(ped_hh)
-    along = (a > dd - 4) & (a < dd + 12 * sc)
-    rho = pu * pu + pw * pw
-    bone((rho <= 1) & along, (rho <= 0.55) & along)
-    # Transverse processes.
-    if tp_len > 0:
-        ta = (a - np.float32(dd + 9 * sc)) / np.float32(3.5 * sc)
-        tw = (w - np.float32(wp)) / np.float32(5.0 * sc)
-        tu = (au > ped_u) & (au < ped_u + ped_hw + tp_len)
-        tip = 1 - 0.5 * np.clip((au - np.float32(ped_u + ped_hw)) / np.float32(tp_len), 0, 1)
-        r = ta * ta + (tw / tip) ** 2
-        bone((r <= 1) & tu, (r <= 0.4) & tu)
-    # Laminae: a roof behind the canal, from the pedicles' level down over the disc below.
-    a_roof = (
-        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
-    )
-    lam_t = np.float32(5.0 * sc)
-    slope = (np.float32(wp) - w) * np.float32(0.25)
-    la = a - a_roof - slope
-    lam = (
-        (la >= 0)
-        & (la <= lam_t)
-        & (au <= canal_hw + ped_hw)
-        & (w <= wp + 4)
-        & (w >= -h / 2 - 9 * sc)
-    )
-    bone(lam, lam & (la > 1.3) & (la < lam_t - 1.3))
-    # Spinous process: a plate sloping down and back from the laminae's junction.
-    sa = a - a_roof - lam_t + np.float32(1.0)
-    length = np.float32(28.0 * sc)
-    centre_w = np.float32(-h / 2 + 5 * sc) - np.float32(0.3) * sa
-    half_h = np.float32(9.0 * sc) - np.float32(0.1) * sa
-    sp = (sa >= 0) & (sa <= length) & (au <= 3.0 * sc) & (np.abs(w - centre_w) <= half_h)
-    bone(sp, sp & (au <= 1.5 * sc) & (np.abs(w - centre_w) <= half_h - 1.4) & (sa < length - 1.4))
-    canvas.write(box, index, codes)
+    def laminae(au, a, w, codes, bone) -> None:
+        # A thick roof behind the canal, sloping down and back from the pedicles' level over
+        # the disc below (shingles on a parasagittal image); the spinous process holds the
+        # midline.
+        a_roof = f32(roof) - f32(0.35 * canal_ap) * (au / f32(canal_hw)) ** 2
+        la = a - a_roof - (f32(wp) - w) * f32(0.3)
+        zone = (au >= 2.5 * sc) & (la >= 0) & (la <= f32(lam_t))
+        inner = (la >= rim) & (la <= f32(lam_t) - rim) & (w <= wp + 5 - rim) & (w >= w_lo + rim)
+        bone(zone, inner)
+
+    lam_back = roof + 0.3 * (wp - w_lo) + lam_t + 1
+    paint((-lam_u, lam_u), (dd + 0.1 * canal_ap, lam_back), (w_lo, wp + 5), laminae)
+
+    full = sp_len + lam_t
+    half_u_tip = 4.8 * sc
+
+    def spinous(au, a, w, codes, bone) -> None:
+        # The interspinous ligament: a midline sheet down to the next process (bone paints
+        # over it); then the process, a paddle from the canal's roof (the laminae's junction)
+        # down and back, tall at its base, rounded at its tip, a little thicker there.
+        sa = a - f32(roof + lam_t - 1.5)
+        s_all = np.clip(sa / f32(sp_len), 0, 1)
+        below = f32(-h / 2 - 6 * sc) - f32(0.28) * sa + f32(2.5 * sc) * s_all
+        codes[(au <= 1.2) & (sa > 0) & (sa < 0.9 * sp_len) & (w < below)
+              & (w > below - 14 * sc)] = LIGAMENT  # fmt: skip
+        sp_a = a - f32(roof + 1.0)
+        s = np.clip(sp_a / f32(full), 0, None)
+        centre_w = f32(-h / 2 + 5 * sc) - f32(0.28) * (sp_a - f32(lam_t))
+        half_h = f32(10.5 * sc) - f32(3.0 * sc) * np.minimum(s, 1)
+        half_u = f32(3.6 * sc) + f32(1.2 * sc) * np.minimum(s, 1)
+        pw = (w - centre_w) / half_h
+        paddle = (s**4 + pw**4 <= 1) & (sp_a >= 0) & (au <= half_u)
+        s_in = np.clip((sp_a - rim * 0.3) / (f32(full) - rim), 0, None)
+        pw_in = (w - centre_w) / (half_h - rim)
+        bone(paddle, (s_in**4 + pw_in**4 <= 1) & (au <= half_u - rim))
+
+    sp_w = (-h / 2 - 0.28 * full - 14 * sc - 12 * sc, -h / 2 + 5 * sc + 10.5 * sc + 3)
+    paint((-half_u_tip, half_u_tip), (roof, roof + full + 2), sp_w, spinous)
 
 
 def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
-    """The facet joint at disc ``d`` on one side: the lower vertebra's superior process in
-    front and lateral, the upper one's inferior process behind and medial, a thin joint space
-    between (oriented FACET_ANGLE from sagittal), and the ligamentum flavum lining the canal."""
+    """The facet joint at disc ``d`` on one side, and the ligamentum flavum lining the canal.
+
+    On an axial image the lower vertebra's superior articular process lies in front and
+    lateral, concave toward the upper one's inferior articular process behind and medial; the
+    thin joint space (fluid) between them curves with it, its chord turned FACET_ANGLE from the
+    sagittal plane (diverging backward). Both processes are solid bone (cortex around marrow)."""
     disc = spine.discs[d]
     sc = spine.scale
+    f32 = np.float32
     canal_hw, canal_ap, _, _ = spine.level_posterior(d)
     dd = disc.depth / 2
     fu, fa, fw = side * (canal_hw + 4.5 * sc), dd + 0.72 * canal_ap, -1.5 * sc
-    su, sa_, sw = 7.5 * sc, 7.0 * sc, 12.0 * sc
+    su, sa_, sw = 9.0 * sc, 9.0 * sc, 12.0 * sc
     picked = _select(
         canvas, disc, (fu - su - 6, fu + su + 6), (dd - 2, fa + sa_ + 2), (fw - sw - 6, fw + sw + 6)
     )
@@ -864,26 +932,37 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     # when the canal finding at this level is advanced (the sac's own narrowing shows it).
     level = d - 2
     s_canal = spine.severity_of("spinal_canal_stenosis", level) if level >= 0 else 0.0
-    lf_t = np.float32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
+    lf_t = f32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
     au = np.abs(u)
-    a_roof = (
-        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
-    )
-    on_side = (u * np.float32(side)) >= 0
+    a_roof = f32(dd + canal_ap) - f32(0.35 * canal_ap) * (au / f32(canal_hw)) ** 2
+    on_side = (u * f32(side)) >= 0
     lf = (a <= a_roof + 1) & (a >= a_roof - lf_t) & (au <= canal_hw) & on_side
-    lf &= np.abs(w) <= np.float32(disc.height / 2 + 6 * sc)
+    lf &= np.abs(w) <= f32(disc.height / 2 + 6 * sc)
     codes[lf] = LIGAMENT
-    rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + (
-        (a - np.float32(fa)) / np.float32(sa_)
-    ) ** 2
-    rho = rho + ((w - np.float32(fw)) / np.float32(sw)) ** 2
+    # Joint frame: t along the joint's chord (lateral and back), n across it (+: the SAP side).
     beta = float(spine.facet_angle[d - 1])
-    nu, na = np.float32(side * np.cos(beta)), np.float32(-np.sin(beta))
-    dist = (u - np.float32(fu)) * nu + (a - np.float32(fa)) * na
-    inside = rho <= 1.0
-    codes[inside] = CORTEX
-    codes[inside & (rho <= 0.6) & (np.abs(dist) > 1.9)] = MARROW
-    codes[inside & (np.abs(dist) <= 0.7) & (rho <= 0.9)] = JOINT
+    lu, la_ = (u - f32(fu)) * f32(side), a - f32(fa)  # lateral, posterior offsets
+    t = lu * f32(np.sin(beta)) + la_ * f32(np.cos(beta))
+    n = lu * f32(np.cos(beta)) - la_ * f32(np.sin(beta))
+    n = n + f32(0.022 / sc) * t * t  # the joint curves, concave toward the IAP
+    dw = (w - f32(fw)) / f32(sw)
+    half_t = f32(7.5 * sc)
+    sap_t, iap_t = f32(8.0 * sc), f32(7.5 * sc)
+    rim = f32(1.3 * sc)
+
+    def process(centre_n, half_n, shift_w):
+        q = (t / half_t) ** 2 + ((dw - f32(shift_w)) ** 2)
+        outer = ((n - centre_n) / half_n) ** 2 + q <= 1
+        inner = ((n - centre_n) / (half_n - rim)) ** 2 + q * f32(1.25) <= 1
+        return outer, inner
+
+    sap, sap_in = process(sap_t / 2 + f32(0.5), sap_t / 2, -0.15)
+    iap, iap_in = process(-iap_t / 2 - f32(0.5), iap_t / 2, 0.15)
+    bone = sap | iap
+    codes[bone] = CORTEX
+    codes[(sap & sap_in) | (iap & iap_in)] = MARROW
+    joint = (np.abs(n) <= f32(0.55)) & ((t / half_t) ** 2 + dw * dw <= 0.8)
+    codes[joint] = JOINT
     canvas.write(box, index, codes)
 
 
@@ -919,11 +998,14 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     opening = (da / np.float32(7.5 * sc)) ** 2 + (dw / np.float32(11.0 * sc)) ** 2
     opening = np.where(dw < 0, (da / np.float32(6.0 * sc)) ** 2 + (dw / np.float32(17.0 * sc)) ** 2,
                        opening)  # fmt: skip
+    # Tapered along its short course (flat in the middle): an oval on an axial image.
+    taper = ((u - np.float32(ru)) / np.float32(half_u)) ** 4
+    opening = opening + taper
     codes[(opening <= 1.0) & slab] = LIGAMENT
     fat_a = root_r + np.float32(5.5 * sc * front_back)
     fat_up = root_r + np.float32(5.0 * sc * up_down)
     fat_down = root_r + np.float32(14.0 * sc * up_down)
-    fat = (da / fat_a) ** 2 + (dw / np.where(dw > 0, fat_up, fat_down)) ** 2
+    fat = (da / fat_a) ** 2 + (dw / np.where(dw > 0, fat_up, fat_down)) ** 2 + taper
     codes[(fat <= 1.0) & (opening <= 1.0) & slab] = FAT
     root_a = root_r * np.float32(1.0 - flatten)
     root = (da / root_a) ** 2 + (dw / (root_r * np.float32(1.0 + 0.5 * flatten))) ** 2
