@@ -30,6 +30,10 @@ N_TISSUES = NUCLEUS + N_DISCS
 
 VERTEBRAE = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
 """Bodies of the chain, superior first; discs sit between neighbours down to L5/S1."""
+SACRUM = VERTEBRAE.index("S1")
+"""Index of the first fused sacral segment."""
+SACRAL_TURN = (12.0, 16.0, 20.0)
+"""Kyphotic turn (deg) from each sacral segment to the next: the sacrum curves forward."""
 DISCS = ("T11/T12", "T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 # Per vertebra (VERTEBRAE order): mid height, wedge (deg, front taller > 0), depth, width (mm).
 _BODY = {
@@ -42,12 +46,13 @@ _DISC = {
     "T11/T12": (6.0, -3.0), "T12/L1": (8.0, 0.0), "L1/L2": (10.0, 4.0), "L2/L3": (12.0, 8.0),
     "L3/L4": (12.5, 12.0), "L4/L5": (14.0, 17.0), "L5/S1": (13.0, 32.0),
 }  # fmt: skip
-# Per vertebra T11..L5 (then S1): canal half-width, canal AP, pedicle half-width, transverse
+# Per vertebra T11..S3 (the sacral canal narrowing): canal half-width, canal AP, pedicle half-width, transverse
 # process length (mm).
 _POSTERIOR = {
     "T11": (9.0, 16.0, 3.0, 10), "T12": (10.0, 16.5, 3.5, 8), "L1": (11.0, 17.0, 4.0, 12),
     "L2": (11.5, 17.0, 4.5, 16), "L3": (12.0, 16.5, 5.0, 22), "L4": (12.5, 16.5, 6.0, 18),
-    "L5": (13.5, 16.0, 7.5, 14), "S1": (14.0, 15.0, 8.0, 0),
+    "L5": (13.5, 16.0, 7.5, 14), "S1": (14.0, 15.0, 8.0, 0), "S2": (11.0, 10.0, 6.0, 0),
+    "S3": (8.0, 7.0, 4.0, 0),
 }  # fmt: skip
 FACET_ANGLE = {"T12/L1": 20.0, "L1/L2": 25.0, "L2/L3": 30.0, "L3/L4": 38.0, "L4/L5": 45.0,
                "L5/S1": 50.0}  # fmt: skip
@@ -83,9 +88,18 @@ class Segment:
         return self.centre + np.array([u, 0.0, 0.0]) + a * self.posterior + w * self.superior
 
     def box(self, u: tuple, a: tuple, w: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """Patient-space bounding box of a local box (u, a, w ranges)."""
-        corners = np.array([self.to_patient(i, j, k) for i in u for j in a for k in w])
-        return corners.min(axis=0), corners.max(axis=0)
+        """Patient-space bounding box of a local box (u, a, w ranges): each patient axis is
+        linear in (u, a, w), so its extremes are the sums of its terms' extremes."""
+        c, s = np.cos(self.alpha), np.sin(self.alpha)
+        a_lo, a_hi = min(a), max(a)
+        w_lo, w_hi = min(w), max(w)
+        y = sorted((a_lo * c, a_hi * c))
+        y_w = sorted((-w_lo * s, -w_hi * s))
+        z = sorted((a_lo * s, a_hi * s))
+        z_w = sorted((w_lo * c, w_hi * c))
+        lower = self.centre + np.array([min(u), y[0] + y_w[0], z[0] + z_w[0]])
+        upper = self.centre + np.array([max(u), y[1] + y_w[1], z[1] + z_w[1]])
+        return lower, upper
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,7 @@ class Spine:
         centre: (3,) the L3/L4 disc centre.
         scale: the study's size factor.
         bodies / discs: the chain's segments (VERTEBRAE / DISCS order).
-        posterior: per vertebra T11..S1: canal half-width, canal AP, pedicle half-width,
+        posterior: per vertebra T11..S3: canal half-width, canal AP, pedicle half-width,
             transverse process length (already scaled).
         facet_angle: (6,) facet joint angles (radians) at T12/L1..L5/S1.
         severity: (25,) latent severities, LABEL_COLUMNS order.
@@ -258,8 +272,7 @@ def draw_spine(
         h *= scale * jitter[VERTEBRAE.index(name)]
         bodies[name], base, _ = make(name, base, beta, h, 0.0, depth * scale, width * scale,
                                      up=False)  # fmt: skip
-        base = base + 1.5 * _frame_angle(beta)[1] * -1  # a rudimentary disc between segments
-        beta = beta + np.deg2rad(12.0 + 4 * k)
+        beta = beta + np.deg2rad(SACRAL_TURN[k])
     base, beta = np.zeros(2), sacral_slope
     for d_name, v_name in zip(DISCS[::-1], VERTEBRAE[-4::-1], strict=True):
         h, angle = _DISC[d_name]
@@ -295,7 +308,7 @@ def draw_spine(
     ordered_bodies = [place(s) for s in ordered_bodies]
     ordered_discs = [place(s) for s in ordered_discs]
 
-    posterior = np.array([_POSTERIOR[n] for n in VERTEBRAE[:8]], dtype=np.float64)
+    posterior = np.array([_POSTERIOR[n] for n in VERTEBRAE], dtype=np.float64)
     posterior[:, :3] *= scale * rng.uniform(0.92, 1.08, (1, 3))
     posterior[:, 3] *= scale * rng.uniform(0.8, 1.2)
     facet = np.deg2rad([FACET_ANGLE[d] + rng.uniform(-6, 6) for d in DISCS[1:]])
@@ -303,7 +316,7 @@ def draw_spine(
     # Canal centre line: behind each body and disc, T11 to S3.
     knots = []
     for k, seg in enumerate(ordered_bodies):
-        ap = posterior[min(k, 7), 1]
+        ap = posterior[k, 1]
         p = seg.to_patient(0.0, seg.depth / 2 + ap / 2, 0.0)
         knots.append((p[2], p[1], seg.alpha, k))
     for k, seg in enumerate(ordered_discs):
@@ -469,11 +482,12 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     # Near the spine: psoas, quadratus lumborum, aorta and cava in the retroperitoneal fat.
     index, su, sa, szi, sub = subset((ac < 10 * sc) & (ac > -75 * sc) & (au < 90 * sc))
     half_w, body_a, psoas_r = table.body_hw[szi], table.body_a[szi], table.psoas_r[szi]
+    psoas_u = half_w + psoas_r * f32(0.55) + table.psoas_drift[szi]
     l5_z = spine.bodies[6].centre[2]
     above_l5 = table_z(table, szi) > l5_z
     for side in (-1.0, 1.0):
         s32 = f32(side)
-        pu = su - s32 * (half_w + psoas_r * f32(0.55))
+        pu = su - s32 * psoas_u
         pa = sa - (body_a + f32(3.0 * sc))
         psoas = (pu / (psoas_r * f32(0.9) + 1)) ** 2 + (pa / (psoas_r * f32(0.75) + 1)) ** 2
         sub[(psoas <= 1.12) & (sub != SKIN)] = FAT
@@ -497,7 +511,7 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     back = f32(spine.back - f - 2.0)  # the thoracolumbar fascia, under the subcutaneous fat
     mf_a = (back - f32(6 * sc)) * f32(0.5 * spine.paraspinal[1] / 16.0)
     es_a = (back + f32(4 * sc)) * f32(0.5 * spine.paraspinal[3] / 18.0)
-    es_c = f32(2.0 * sc) + f32(1.6) * mf_u + es_u  # the erector spinae's centre, |u|
+    es_c = f32(1.6) * mf_u - f32(0.5 * sc) + es_u  # the erector spinae's centre, |u|
     reach = (ac > back - 2 * es_a) & (ac < back) & (au < es_c + es_u)
     index, su, sa, _, sub = subset(reach & ((codes == FAT) | (codes == MUSCLE)))
     au = np.abs(su)
@@ -507,10 +521,12 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     sub[es <= 1.0] = MUSCLE
     split_es = np.abs(lateral + f32(0.1) - f32(0.25) * along_es + f32(0.2) * along_es**2)
     sub[(es <= 0.9) & (split_es * es_u < 0.7)] = FAT
-    mf = ((au - f32(2.5 * sc) - mf_u) * (1 / mf_u)) ** 2
+    # The multifidi meet in the midline, where the spinous processes and the interspinous
+    # ligaments part them.
+    mf = ((au + f32(1.0) - mf_u) * (1 / mf_u)) ** 2
     mf += ((sa - back + mf_a) * (1 / mf_a)) ** 2
     sub[mf <= 1.12] = FAT
-    sub[(mf <= 1.0) & (au >= 0.8)] = MUSCLE
+    sub[mf <= 1.0] = MUSCLE
     codes[index] = sub
     plane = codes.reshape(canvas.shape[:3])
     for row in spine.organs:
@@ -549,6 +565,7 @@ class Profiles:
     body_hw: np.ndarray
     body_a: np.ndarray
     psoas_r: np.ndarray
+    psoas_drift: np.ndarray  # lateral offset below S1 (toward the pelvic brim)
     narrow: np.ndarray
     clump: np.ndarray
     roots: list  # (side, un, an, below_conus & present) per root
@@ -565,8 +582,8 @@ def profiles(spine: Spine) -> Profiles:
     z0 = float(zk[0] - 150.0)
     z = np.arange(z0, zk[-1] + 150.0, Z_STEP)
     chain = knots[:, 3]
-    hw = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 0]))
-    ha = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 1]) / 2)
+    hw = np.interp(z, zk, np.interp(chain, np.arange(len(VERTEBRAE)), spine.posterior[:, 0]))
+    ha = np.interp(z, zk, np.interp(chain, np.arange(len(VERTEBRAE)), spine.posterior[:, 1]) / 2)
     zs = np.array([b.centre[2] for b in spine.bodies])
     order = np.argsort(zs)
     widths = np.array([b.width for b in spine.bodies])[order]
@@ -605,6 +622,7 @@ def profiles(spine: Spine) -> Profiles:
         body_hw=np.interp(z, zs[order], widths / 2).astype(f32),
         body_a=-np.interp(z, zs[order], depths / 2 + 8.5 * sc).astype(f32),
         psoas_r=((5.0 + 17.0 * grow) * sc).astype(f32),
+        psoas_drift=np.clip((spine.bodies[SACRUM].centre[2] - z) * 0.8, 0, 50).astype(f32),
         narrow=narrow.astype(f32),
         clump=clump.astype(f32),
         roots=[(a.astype(f32), b.astype(f32), c) for a, b, c in roots],
@@ -695,9 +713,8 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
     for d, disc in enumerate(spine.discs):
         _paint_disc(canvas, spine, d, disc)
     for k, body in enumerate(spine.bodies):
-        _paint_body(canvas, body, sacral=k >= 7)
-        if k < 8:
-            _paint_posterior_elements(canvas, spine, k, body)
+        _paint_body(canvas, spine, k)
+        _paint_posterior_elements(canvas, spine, k, body)
     for d in range(1, N_DISCS + 1):
         for side in (-1.0, 1.0):
             _paint_facet(canvas, spine, d, side)
@@ -720,20 +737,31 @@ BODY_CORNER = 8
 endplates (q = -1..1 over its height), a rounded corner of about 2 mm."""
 
 
-def _body_mask(u, a, w, hw, dd, top, bottom, cave, waist, indent, inset=0.0, inset_w=0.0):
+def _body_mask(
+    u, a, w, hw, dd, top, bottom, caves, waist, indent, inset=0.0, inset_w=0.0,
+    taper=0.0, rounded=(True, True),
+):  # fmt: skip
     """A vertebral body in its own frame: the bean footprint, concave walls (``waist``: front,
-    back, side, shares of the half-sizes lost at mid-height), endplates dipping ``cave`` mm at
-    the centre, and a rounded rim; ``inset`` / ``inset_w`` shrink it (the marrow inside the
-    cortex)."""
+    back, side, shares of the half-sizes lost at mid-height), endplates dipping ``caves`` (top,
+    bottom) mm at the centre, and a rim rounded at the ends ``rounded`` says; ``taper``: share
+    of the half-sizes lost from top to bottom (a sacral segment); ``inset`` / ``inset_w``
+    shrink it (the marrow inside the cortex)."""
     f32 = np.float32
-    rim = np.minimum((u / f32(hw)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
-    dip = f32(cave) * (1 - rim)
-    hi, lo = top - dip - f32(inset_w), bottom + dip + f32(inset_w)
+    rim = 1 - np.minimum((u / f32(hw)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
+    hi = top - f32(caves[0]) * rim - f32(inset_w)
+    lo = bottom + f32(caves[1]) * rim + f32(inset_w)
     mid, half = (hi + lo) * f32(0.5), np.maximum((hi - lo) * f32(0.5), f32(0.1))
-    q = np.minimum(np.abs(w - mid) / half, f32(1.0))
+    rel = (w - mid) / half
+    q = np.minimum(np.abs(rel), f32(1.0))
     pinch = 1 - q * q
     q4 = q * q * q * q
     round_ = (1 - q4 * q4) ** f32(1 / BODY_CORNER)
+    if not rounded[0]:
+        round_ = np.where(rel > 0, f32(1.0), round_)
+    if not rounded[1]:
+        round_ = np.where(rel < 0, f32(1.0), round_)
+    if taper:
+        round_ = round_ * (1 - f32(taper / 2) * (1 - np.clip(rel, -1, 1)))
     front = (f32(dd) * (1 - f32(waist[0]) * pinch) - f32(inset)) * round_
     back = (f32(dd) * (1 - f32(waist[1]) * pinch) - f32(inset)) * round_
     side = (f32(hw) * (1 - f32(waist[2]) * pinch) - f32(inset)) * round_
@@ -748,23 +776,37 @@ BODY_WAIST = (0.14, 0.05, 0.06)
 anterior wall of a lumbar body in profile, gentler behind and at the sides."""
 
 
-def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
+def _paint_body(canvas: Canvas, spine: Spine, k: int) -> None:
     """A vertebral body: a bean-shaped footprint (concave behind), waisted walls, endplates
     dipping toward the centre, a rounded rim, a thin cortex around marrow, and the
-    basivertebral vein's notch in the posterior wall."""
+    basivertebral vein's notch in the posterior wall. The sacral segments S1-S3 are fused:
+    each tapers to the next, flat and unrounded where they meet (the cortex of both draws
+    the remnant disc's thin dark line there), S1 with its alae."""
+    body = spine.bodies[k]
+    sacral = k >= SACRUM
     h, dd, ww = body.height, body.depth / 2, body.width / 2
-    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 1, h / 2 + 1))
+    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 1 - 0.4 * dd, h / 2 + 1))
     if picked is None:
         return
     box, index, u, a, w = picked
     t = np.float32(np.tan(body.wedge / 2))
     top = np.float32(h / 2) - a * t
     bottom = -np.float32(h / 2) + a * t
-    cave = ENDPLATE_DIP * h
-    waist = (0.04, 0.02, 0.03) if sacral else BODY_WAIST
+    dip = ENDPLATE_DIP * h
     indent = 0.14 * dd
-    inside = _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent)
-    marrow = inside & _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent, 1.5, 0.9)
+    if sacral and k + 1 < len(spine.bodies):  # reach down in front to the next, turned segment
+        bottom = bottom - np.maximum(-a, 0) * np.float32(
+            np.tan(np.deg2rad(SACRAL_TURN[k - SACRUM]))
+        )
+    if sacral:
+        below = spine.bodies[k + 1].depth / body.depth if k + 1 < len(spine.bodies) else 0.7
+        shape = dict(caves=(dip if k == SACRUM else 0.0, 0.0), waist=(0.04, 0.02, 0.03),
+                     taper=1 - below, rounded=(k == SACRUM, k == len(spine.bodies) - 1))  # fmt: skip
+    else:
+        shape = dict(caves=(dip, dip), waist=BODY_WAIST)
+    inside = _body_mask(u, a, w, ww, dd, top, bottom, indent=indent, **shape)
+    marrow = inside & _body_mask(u, a, w, ww, dd, top, bottom, indent=indent, inset=1.5,
+                                 inset_w=0.9, **shape)  # fmt: skip
     codes = np.zeros(u.shape, dtype=np.uint8)
     codes[inside] = CORTEX
     codes[marrow] = MARROW
@@ -772,6 +814,38 @@ def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
         notch = (np.abs(w) < 2.2 - 0.4 * (a - dd * 0.86 + 4.5)) & (np.abs(u) < 3.0)
         notch &= (a > dd * 0.86 - 4.5) & inside
         codes[notch] = FAT
+    canvas.write(box, index, codes)
+    if sacral:
+        _paint_ala(canvas, spine, k)
+
+
+def _paint_ala(canvas: Canvas, spine: Spine, k: int) -> None:
+    """The lateral masses of a sacral segment (the alae at S1), fused with its body: marrow
+    continuous with the body's, a cortex on their outer surfaces only."""
+    body = spine.bodies[k]
+    sc = spine.scale
+    f32 = np.float32
+    h, dd, ww = body.height, body.depth / 2, body.width / 2
+    canal_hw, canal_ap = spine.posterior[SACRUM, :2]
+    reach = ww + (28.0, 20.0, 10.0)[k - SACRUM] * sc
+    inner_u = 0.7 * ww
+    a0, a1 = -0.4 * dd, dd + 0.75 * canal_ap
+    w0, w1 = -h / 2, h / 2 - 5.0 * sc
+    picked = _select(canvas, body, (-reach, reach), (a0, a1), (w0, w1))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    au = np.abs(u)
+    qa = (a - f32((a0 + a1) / 2)) / f32((a1 - a0) / 2)
+    qw = (w - f32((w0 + w1) / 2)) / f32((w1 - w0) / 2)
+    qu = np.maximum(au - f32(inner_u), 0) / f32(reach - inner_u)
+    rho = qu**4 + qa**4 + qw**4
+    rim_u, rim_a, rim_w = (1.3 / (reach - inner_u), 2.6 / (a1 - a0), 2.6 / (w1 - w0))
+    qi = (np.maximum(qu - f32(rim_u), 0), qa / f32(1 - rim_a), qw / f32(1 - rim_w))
+    marrow = qi[0] ** 4 + qi[1] ** 4 + qi[2] ** 4 <= 1
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    codes[(rho <= 1) & (au > ww - 1)] = CORTEX
+    codes[(rho <= 1) & marrow & (au > canal_hw + 1)] = MARROW
     canvas.write(box, index, codes)
 
 
@@ -817,7 +891,8 @@ def _paint_disc(canvas: Canvas, spine: Spine, d: int, disc: Segment) -> None:
 def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segment) -> None:
     """Pedicles, transverse processes, laminae, the spinous process and the interspinous
     ligament of vertebra ``k``: solid bone (a cortex around marrow). Each part is tested on
-    the points of its own box only."""
+    the points of its own box only. Below S1 the sacral canal narrows, its roof the fused
+    laminae and the median sacral crest's short tubercles (the alae stand for the pedicles)."""
     sc = spine.scale
     f32 = np.float32
     canal_hw, canal_ap, ped_hw, tp_len = spine.posterior[k]
@@ -827,7 +902,7 @@ def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segmen
     ped_u = canal_hw + ped_hw - 1.0
     rim = f32(1.3 * sc)
     lam_t = 5.5 * sc
-    sp_len = 28.0 * sc
+    sp_len = (28.0 if k < SACRUM else 16.0 if k == SACRUM else 10.0) * sc
     roof = dd + canal_ap  # the canal's roof in the midline
 
     def paint(u_lim: tuple, a_lim: tuple, w_lim: tuple, shapes) -> None:
@@ -862,7 +937,8 @@ def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segmen
             bone((r <= 1) & tu, (r <= 0.45) & (au < ped_u + ped_hw + tp_len - 1.3))
 
     reach_u = ped_u + ped_hw + tp_len + 2
-    paint((-reach_u, reach_u), (dd - 5, dd + 0.8 * canal_ap + 4), (wp - 7, wp + 7), pedicles)
+    if k <= SACRUM:
+        paint((-reach_u, reach_u), (dd - 5, dd + 0.8 * canal_ap + 4), (wp - 7, wp + 7), pedicles)
 
     w_lo = -h / 2 - 10 * sc
     lam_u = canal_hw + ped_hw + 1
@@ -890,7 +966,7 @@ def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segmen
         sa = a - f32(roof + lam_t - 1.5)
         s_all = np.clip(sa / f32(sp_len), 0, 1)
         below = f32(-h / 2 - 6 * sc) - f32(0.28) * sa + f32(2.5 * sc) * s_all
-        codes[(au <= 1.2) & (sa > 0) & (sa < 0.9 * sp_len) & (w < below)
+        codes[(au <= 0.8) & (sa > 0) & (sa < 0.9 * sp_len) & (w < below)
               & (w > below - 14 * sc)] = LIGAMENT  # fmt: skip
         sp_a = a - f32(roof + 1.0)
         s = np.clip(sp_a / f32(full), 0, None)
