@@ -467,12 +467,13 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     body_a = -(lumbar_depth / 2 + 8.5 * sc)  # as Profiles.body_a, its lumbar mean
     divide = f32(body_a - 26 * sc) + f32(37 * sc) * (u * f32(1 / (62.0 * sc))) ** 2
     au = np.abs(u)
-    flank = (au > f32(spine.paraspinal[0] * 1.6 * sc + spine.paraspinal[2] * 1.8 * sc)) & (
-        ac < f32(spine.back - f - 14 * sc)
-    )
     in_cavity = r2 <= (r_wall - wall) ** 2
-    in_wall = (r2 <= r_wall**2) & ~in_cavity
-    codes[in_wall & ((ac < f32(8 * sc)) | flank)] = MUSCLE
+    # Behind the transverse processes (and the quadratus lumborum's front, curving forward
+    # laterally) the back's muscles fill the fascia down to the flanks; fat planes part them
+    # below. In front of that line: the retroperitoneal fat.
+    back_front = f32(-4 * sc) - f32(25 * sc) * (u * f32(1 / (70.0 * sc))) ** 2
+    codes[(r2 <= r_wall**2) & (ac > back_front)] = MUSCLE
+    codes[(r2 <= r_wall**2) & ~in_cavity & (ac < f32(8 * sc))] = MUSCLE
     codes[in_cavity & (ac < divide)] = VISCERA
 
     def subset(mask: np.ndarray):
@@ -512,20 +513,20 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
     mf_a = (back - f32(6 * sc)) * f32(0.5 * spine.paraspinal[1] / 16.0)
     es_a = (back + f32(4 * sc)) * f32(0.5 * spine.paraspinal[3] / 18.0)
     es_c = f32(1.6) * mf_u - f32(0.5 * sc) + es_u  # the erector spinae's centre, |u|
-    reach = (ac > back - 2 * es_a) & (ac < back) & (au < es_c + es_u)
-    index, su, sa, _, sub = subset(reach & ((codes == FAT) | (codes == MUSCLE)))
+    reach = (ac > back - 2.2 * es_a) & (ac < back + 2) & (au < es_c + 1.1 * es_u)
+    index, su, sa, _, sub = subset(reach & (codes == MUSCLE))
     au = np.abs(su)
     along_es = (sa - back + es_a) * (1 / es_a)
     lateral = (au - es_c) * (1 / es_u)
     es = lateral * lateral + along_es * along_es
-    sub[es <= 1.0] = MUSCLE
+    sub[(es > 1.0) & (es <= 1.05) & (along_es < 0.6)] = FAT  # not where it meets the fascia
     split_es = np.abs(lateral + f32(0.1) - f32(0.25) * along_es + f32(0.2) * along_es**2)
     sub[(es <= 0.9) & (split_es * es_u < 0.7)] = FAT
     # The multifidi meet in the midline, where the spinous processes and the interspinous
     # ligaments part them.
-    mf = ((au + f32(1.0) - mf_u) * (1 / mf_u)) ** 2
-    mf += ((sa - back + mf_a) * (1 / mf_a)) ** 2
-    sub[mf <= 1.12] = FAT
+    along_mf = (sa - back + mf_a) * (1 / mf_a)
+    mf = ((au + f32(1.0) - mf_u) * (1 / mf_u)) ** 2 + along_mf * along_mf
+    sub[(mf > 1.0) & (mf <= 1.07) & (au > 3.0 * sc) & (along_mf < 0.6)] = FAT
     sub[mf <= 1.0] = MUSCLE
     codes[index] = sub
     plane = codes.reshape(canvas.shape[:3])
