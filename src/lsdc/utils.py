@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,26 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_files() -> Iterator[Callable[[str | Path], Path]]:
+    """Publish several files together or none of them: ``stage(path)`` gives a temporary path
+    beside ``path`` (as :func:`atomic_path`); they are renamed into place one after another
+    when the block succeeds, and all removed when it fails (a full disk at the last file leaves
+    the first ones as they were, so files that describe each other never disagree)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda path: stack.enter_context(atomic_path(path))
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON lsdc writes (numpy scalars and arrays, paths included)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json_atomic(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json_text(obj))
     return path
 
 
