@@ -134,11 +134,9 @@ def test_pacs_folder_predicts_as_the_competition_layout(
 
 def test_role_table_of_a_pacs_folder(pacs, synth_root, tiny_run, tmp_path) -> None:
     folder, mapping = pacs
-    fake = lambda run, cache, ids, **kw: np.full((len(ids), 25, 3), 1 / 3)  # noqa: E731
     result = predict_dicom(
-        folder, [tiny_run], tmp_path / "out" / "sub.csv", study_names=mapping, progress=False,
-        predict_fn=fake,
-    )  # fmt: skip
+        folder, [tiny_run], tmp_path / "out" / "sub.csv", study_names=mapping, progress=False
+    )
     assert result.scan.summary().endswith("skipped 1 dicomdir, 1 not_dicom, 2 unreadable")
     roles = pd.read_csv(tmp_path / "out" / ROLES_NAME, dtype=str, keep_default_na=False)
     listed = load_series_descriptions(synth_root / "test_series_descriptions.csv")

@@ -16,7 +16,8 @@ from lsdc.datasets import levels
 from lsdc.datasets.levels import LOCALIZER_SERIES, StackStore
 from lsdc.datasets.loader import make_loader
 from lsdc.distributed import DistContext
-from lsdc.preprocessing.cache import preprocess_split, series_grid_path, stack_paths
+from lsdc.preprocessing.cache import preprocess_split
+from lsdc.preprocessing.cachedir import CacheDir
 from lsdc.tasks.base import create_task
 from lsdc.tasks.predict_loop import autocast_context
 
@@ -39,7 +40,7 @@ def test_localizer_volumes_are_computed_once_then_read_back(
     study = int(computed.study_ids()[0])
     first = {d: computed.stored_series_volume(study, d, GRID) for d in LOCALIZER_SERIES}
     for description, (volume, _) in first.items():
-        assert series_grid_path(own_cache, study, description, GRID).is_file()
+        assert CacheDir(own_cache).series_grid(study, description, GRID).is_file()
         expected, _ = computed.series_volume(study, description, GRID)
         np.testing.assert_array_equal(volume, expected)
 
@@ -59,7 +60,7 @@ def test_localizer_volumes_are_computed_once_then_read_back(
             assert reader.intensity(key) == computed.intensity(key)
 
     key = reader.stacks(study, LOCALIZER_SERIES[0])[0]
-    npy = stack_paths(own_cache, *key)[0]
+    npy = CacheDir(own_cache).stack(*key)[0]
     os.utime(npy, ns=(npy.stat().st_atime_ns, npy.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="sampled the stacks"):
         StackStore(own_cache, in_memory=False).stored_series_volume(

@@ -1,6 +1,7 @@
 """lsdc predict: a complete, ordered, normalised submission whatever the input folder holds.
 
-The model is a stand-in (``predict_fn``) so that these tests check the orchestration: study
+The runs are of a registered test task with known answers (``fixed_task.py``), served the one
+way every run is, so that these tests check the orchestration: study
 listing, preprocessing, fallbacks, calibration, ensembling, row order and the report.
 """
 
@@ -13,15 +14,12 @@ import pandas as pd
 import pytest
 import torch
 from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
-from scipy.special import softmax
+from fixed_task import known_probs, make_fixed_run
 
 from lsdc.cli import main
-from lsdc.config import TrainConfig
 from lsdc.contract import LABEL_COLUMNS, PRED_COLUMNS, all_row_ids
 from lsdc.errors import UserError
-from lsdc.evaluation.calibration import temperature_scale
 from lsdc.inference.predict import predict_split
-from lsdc.preprocessing.cache import read_cache_index
 
 SERIES = [
     (1, 11, "Sagittal T1"),
@@ -36,20 +34,6 @@ SERIES = [
     (4, 41, "Sagittal T1"),  # no folder at all
 ]
 SAMPLE_ORDER = [3, 5, 1, 2, 4]  # study 5 is only in sample_submission.csv
-
-
-def _fake_probs(study_id: int) -> np.ndarray:
-    """A distinct, known (25, 3) prediction per study."""
-    logits = np.random.default_rng(study_id).normal(size=(len(LABEL_COLUMNS), 3))
-    return softmax(logits, axis=-1)
-
-
-def fake_predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
-    """Stand-in for lsdc.inference.runs.predict_run: checks the cache holds each study."""
-    cached = set(read_cache_index(cache_dir)["study_id"])
-    assert set(study_ids) <= cached
-    scale = float((run_dir / "scale.txt").read_text()) if (run_dir / "scale.txt").exists() else 1.0
-    return np.stack([temperature_scale(_fake_probs(s), 1 / scale) for s in study_ids])
 
 
 @pytest.fixture
@@ -77,17 +61,9 @@ def root(tmp_path):
     return root
 
 
-def make_run(path, prior_row=(0.7, 0.2, 0.1), scale=None):
-    """A run folder as lsdc train leaves it, as far as predict reads it."""
-    (path / "fold0").mkdir(parents=True)
-    stub = {"model": {}, "config": TrainConfig().to_dict(), "task_state": {}}
-    torch.save(stub, path / "fold0" / "best.pt")  # readable: predict checks every fold first
-    prior = pd.DataFrame([prior_row] * len(LABEL_COLUMNS), columns=list(PRED_COLUMNS))
-    prior.insert(0, "label_column", list(LABEL_COLUMNS))
-    prior.to_csv(path / "class_prior.csv", index=False)
-    if scale is not None:
-        (path / "scale.txt").write_text(str(scale))
-    return path
+def make_run(path, prior_row=(0.7, 0.2, 0.1), sharpness=1.0, **answers):
+    """A run folder as lsdc train leaves it for serving (``fixed_task.make_fixed_run``)."""
+    return make_fixed_run(path, prior_row, sharpness, **answers)
 
 
 def _study_probs(submission: pd.DataFrame, study_id: int) -> np.ndarray:
@@ -99,7 +75,7 @@ def test_submission_is_complete_ordered_normalised_with_fallbacks(root, tmp_path
     run = make_run(tmp_path / "run")
     out = tmp_path / "out" / "submission.csv"
     before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
-    result = predict_split(root, [run], out, progress=False, predict_fn=fake_predict_run)
+    result = predict_split(root, [run], out, progress=False)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # read only
     sub = pd.read_csv(out)
     assert sub["row_id"].tolist() == all_row_ids(SAMPLE_ORDER)
@@ -122,7 +98,7 @@ def test_submission_is_complete_ordered_normalised_with_fallbacks(root, tmp_path
     assert report.loc[5, "source"] == "prior" and "no series listed" in report.loc[5, "message"]
 
     for study in (1, 2, 3):
-        np.testing.assert_allclose(_study_probs(sub, study), _fake_probs(study), atol=1e-9)
+        np.testing.assert_allclose(_study_probs(sub, study), known_probs(study), atol=1e-6)
     for study in (4, 5):
         np.testing.assert_allclose(_study_probs(sub, study), [[0.7, 0.2, 0.1]] * 25)
 
@@ -130,32 +106,28 @@ def test_submission_is_complete_ordered_normalised_with_fallbacks(root, tmp_path
 def test_without_sample_submission_rows_follow_the_series_csv(root, tmp_path) -> None:
     (root / "sample_submission.csv").unlink()
     out = tmp_path / "submission.csv"
-    predict_split(
-        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=fake_predict_run
-    )
+    predict_split(root, [make_run(tmp_path / "run")], out, progress=False)
     assert pd.read_csv(out)["row_id"].tolist() == all_row_ids([1, 2, 3, 4])
 
 
 def test_calibration_is_applied_per_run_then_runs_are_averaged(root, tmp_path) -> None:
     run_a = make_run(tmp_path / "a")
-    run_b = make_run(tmp_path / "b", scale=2.0)  # its raw predictions are sharper
+    run_b = make_run(tmp_path / "b", sharpness=2.0)  # its raw predictions are sharper
     temps = {c: 2.0 for c in ("spinal_canal_stenosis", "left_neural_foraminal_narrowing")}
     (run_b / "calibration.json").write_text(json.dumps({"temperatures": temps}))
     out = tmp_path / "submission.csv"
-    predict_split(root, [run_a, run_b], out, progress=False, predict_fn=fake_predict_run)
+    predict_split(root, [run_a, run_b], out, progress=False)
     got = _study_probs(pd.read_csv(out), 1)
-    raw_b = temperature_scale(_fake_probs(1), 0.5)
+    raw_b = known_probs(1, sharpness=2.0)
     calibrated_b = raw_b.copy()
-    calibrated_b[:10] = _fake_probs(1)[
+    calibrated_b[:10] = known_probs(1)[
         :10
     ]  # T = 2 undoes the sharpening of the first two conditions
-    np.testing.assert_allclose(got, (_fake_probs(1) + calibrated_b) / 2, atol=1e-9)
+    np.testing.assert_allclose(got, (known_probs(1) + calibrated_b) / 2, atol=1e-6)
 
-    predict_split(
-        root, [run_a, run_b], out, calibrate=False, progress=False, predict_fn=fake_predict_run
-    )
+    predict_split(root, [run_a, run_b], out, calibrate=False, progress=False)
     np.testing.assert_allclose(
-        _study_probs(pd.read_csv(out), 1), (_fake_probs(1) + raw_b) / 2, atol=1e-9
+        _study_probs(pd.read_csv(out), 1), (known_probs(1) + raw_b) / 2, atol=1e-6
     )
 
 
@@ -163,23 +135,14 @@ def test_calibration_is_applied_per_run_then_runs_are_averaged(root, tmp_path) -
 def test_a_study_the_model_fails_on_gets_the_prior_and_a_report_line(
     root, tmp_path, poison
 ) -> None:
-    def flaky(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
-        if 3 in study_ids:
-            raise RuntimeError("CUDA out of memory")
-        probs = fake_predict_run(run_dir, cache_dir, study_ids)
-        if 2 in study_ids:
-            probs[list(study_ids).index(2), 4, :] = poison
-        return probs
-
+    flaky = make_run(tmp_path / "run", raise_on=[3], poison=[(2, 4, poison)])
     out = tmp_path / "submission.csv"
-    result = predict_split(
-        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=flaky
-    )
+    result = predict_split(root, [flaky], out, progress=False)
     sub = pd.read_csv(out)
     report = result.report.set_index("study_id")
     assert report.loc[3, "source"] == "prior" and "CUDA out of memory" in report.loc[3, "message"]
     assert report.loc[2, "source"] == "prior" and "not a distribution" in report.loc[2, "message"]
-    np.testing.assert_allclose(_study_probs(sub, 1), _fake_probs(1), atol=1e-9)
+    np.testing.assert_allclose(_study_probs(sub, 1), known_probs(1), atol=1e-6)
     np.testing.assert_allclose(_study_probs(sub, 3), [[0.7, 0.2, 0.1]] * 25)
     assert len(sub) == 5 * 25 and np.isfinite(sub[list(PRED_COLUMNS)].to_numpy()).all()
 
@@ -195,9 +158,7 @@ def test_a_broken_input_folder_still_gives_every_row(root, tmp_path, damage) -> 
     else:
         (root / "test_series_descriptions.csv").write_text("study_id,series_id\n1,x\n")
     out = tmp_path / "submission.csv"
-    result = predict_split(
-        root, [make_run(tmp_path / "run")], out, progress=False, predict_fn=fake_predict_run
-    )
+    result = predict_split(root, [make_run(tmp_path / "run")], out, progress=False)
     sub = pd.read_csv(out)
     assert sub["row_id"].tolist() == all_row_ids(SAMPLE_ORDER)
     np.testing.assert_allclose(sub[list(PRED_COLUMNS)].to_numpy(), [[0.7, 0.2, 0.1]] * len(sub))
@@ -208,9 +169,7 @@ def test_nothing_to_list_is_a_user_error(root, tmp_path) -> None:
     (root / "test_series_descriptions.csv").unlink()
     (root / "sample_submission.csv").unlink()
     with pytest.raises(UserError, match="lists a study"):
-        predict_split(
-            root, [make_run(tmp_path / "run")], tmp_path / "s.csv", predict_fn=fake_predict_run
-        )
+        predict_split(root, [make_run(tmp_path / "run")], tmp_path / "s.csv")
 
 
 def test_bad_run_is_refused_before_anything_is_written(root, tmp_path) -> None:
@@ -219,21 +178,15 @@ def test_bad_run_is_refused_before_anything_is_written(root, tmp_path) -> None:
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(UserError, match="best.pt"):
-        predict_split(root, [empty], out, predict_fn=fake_predict_run)
+        predict_split(root, [empty], out)
     no_prior = make_run(tmp_path / "run")
     (no_prior / "class_prior.csv").unlink()
     with pytest.raises(UserError, match="class_prior.csv"):
-        predict_split(root, [no_prior], out, predict_fn=fake_predict_run)
+        predict_split(root, [no_prior], out)
     assert out.read_text() == "previous\n"
 
 
-def test_cli_writes_submission_and_kept_cache(root, tmp_path, monkeypatch, capsys) -> None:
-    from lsdc.tasks.served import ServedRun
-
-    def fake_predict(self, study_ids, tta=False, folds=None):
-        return fake_predict_run(self.run_dir, self.cache_dir, study_ids, tta)
-
-    monkeypatch.setattr(ServedRun, "predict", fake_predict)
+def test_cli_writes_submission_and_kept_cache(root, tmp_path, capsys) -> None:
     run = make_run(tmp_path / "run")
     out = tmp_path / "sub.csv"
     cache = tmp_path / "cache"
@@ -317,7 +270,7 @@ def test_flip_tta_is_left_right_consistent(tiny_run, tmp_path) -> None:
 
 
 def test_prior_submission_gives_each_row_its_label_prior(tmp_path) -> None:
-    from lsdc.contract import LABEL_COLUMNS, PRED_COLUMNS
+    from lsdc.contract import PRED_COLUMNS
     from lsdc.inference.predict import prior_submission
 
     rng = np.random.default_rng(0)
@@ -329,3 +282,26 @@ def test_prior_submission_gives_each_row_its_label_prior(tmp_path) -> None:
     sub = prior_submission(tmp_path, rows)
     assert sub["row_id"].tolist() == rows
     np.testing.assert_allclose(sub[list(PRED_COLUMNS)].to_numpy(), prior[[24, 0]])
+
+
+def test_predict_chooses_torch_threads_like_training(root, tmp_path, monkeypatch) -> None:
+    """0 threads: the usable CPUs less the run's loader workers; a count given is kept; a
+    negative count is refused before anything is written."""
+    set_threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_threads.append)
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(8)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    run = make_run(tmp_path / "run")
+    stub = torch.load(run / "fold0" / "best.pt")
+    stub["config"]["data"]["num_workers"] = 1
+    torch.save(stub, run / "fold0" / "best.pt")
+    out = tmp_path / "submission.csv"
+    predict_split(root, [run], out, progress=False)
+    predict_split(root, [run], out, threads=2, progress=False)
+    assert set_threads == [7, 2]
+    out.unlink()
+    with pytest.raises(UserError, match="--threads must be 0"):
+        predict_split(root, [run], out, threads=-1, progress=False)
+    assert not out.exists()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from dicom_factory import AXIAL, SAGITTAL, write_root, write_stack
 
-from lsdc.config import load_config, write_config
+from lsdc.config import load_config
 from lsdc.contract import (
     IGNORE_INDEX,
     LABEL_COLUMNS,
@@ -55,8 +55,8 @@ from lsdc.preprocessing.cache import (
     preprocess_split,
     read_cache_index,
     resample_stack,
-    stack_paths,
 )
+from lsdc.preprocessing.cachedir import CacheDir
 from lsdc.preprocessing.geometry import StackGeometry, canonical_flips
 from lsdc.synth.config import REALISM_RATES, SynthConfig
 from lsdc.synth.generator import synthesize
@@ -230,7 +230,7 @@ def test_reversed_storage_is_flipped_back_at_preprocess(reversed_pair) -> None:
             a.geometry.voxel_to_patient(voxels), b.geometry.voxel_to_patient(voxels), atol=0.05
         )
         sidecar = json.loads(
-            stack_paths(flipped_cache, r.study_id, r.series_id, r.stack)[1].read_text()
+            CacheDir(flipped_cache).stack(r.study_id, r.series_id, r.stack)[1].read_text()
         )
         flips.append((sidecar["flipped"]["rows"], sidecar["flipped"]["columns"]))
     assert set(flips) <= {(True, False), (False, True), (True, True)}
@@ -367,7 +367,9 @@ def test_rows_of_a_missing_grading_series_get_the_class_prior(
     assert TwoStageTask.prior_rows({"Sagittal T2/STIR", "Axial T2"}).tolist() == foraminal.tolist()
 
 
-def test_predict_report_names_the_rows_answered_by_the_prior(tmp_path: Path) -> None:
+def test_predict_report_names_the_rows_answered_by_the_prior(
+    tmp_path: Path, tiny_two_stage_run: Path
+) -> None:
     from lsdc.inference.predict import predict_split
 
     series = [(1, 11, "Sagittal T2/STIR"), (1, 12, "Axial T2")]
@@ -379,26 +381,11 @@ def test_predict_report_names_the_rows_answered_by_the_prior(tmp_path: Path) -> 
             orientation=AXIAL if description == "Axial T2" else SAGITTAL,
             description=description,
         )
-    run = tmp_path / "run"
-    (run / "fold0").mkdir(parents=True)
-    config = load_config("two_stage_demo")
-    write_config(config, run / "config.yaml")
-    torch.save(
-        {"model": {}, "config": config.to_dict(), "task_state": {}}, run / "fold0" / "best.pt"
-    )
-    prior = pd.DataFrame([(0.7, 0.2, 0.1)] * 25, columns=list(PRED_COLUMNS))
-    prior.insert(0, "label_column", list(LABEL_COLUMNS))
-    prior.to_csv(run / "class_prior.csv", index=False)
-
-    def fake_predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
-        return np.full((len(study_ids), 25, 3), 1 / 3)
-
-    result = predict_split(
-        root, [run], tmp_path / "submission.csv", progress=False, predict_fn=fake_predict_run
-    )
+    run = tiny_two_stage_run
+    result = predict_split(root, [run], tmp_path / "submission.csv", progress=False)
     line = result.report.set_index("study_id").loc[1]
     assert line["source"] == "model_partial"
-    assert "10 rows of the missing Sagittal T1: class prior in run" in line["message"]
+    assert f"10 rows of the missing Sagittal T1: class prior in {run.name}" in line["message"]
 
 
 # ------------------------------------------------------------- 5. calibration out of sample

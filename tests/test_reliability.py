@@ -24,7 +24,8 @@ from lsdc.config import ConfigError, load_config
 from lsdc.contract import PRED_COLUMNS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.inference.predict import predict_split
-from lsdc.preprocessing.cache import CACHE_FORMAT, DERIVED_FORMAT, preprocess_split
+from lsdc.preprocessing.cache import CACHE_FORMAT, preprocess_split
+from lsdc.preprocessing.cachedir import DERIVED_FORMAT
 from lsdc.rundir import RunDir
 from lsdc.training.engine import RUN_BUSY, check_run_dir
 from lsdc.utils import reader_lock, write_json_atomic, writer_lock
@@ -470,9 +471,7 @@ def test_predict_refuses_a_tool_failure_before_writing(kind, tiny_run, synth_roo
 def test_an_allowed_fallback_gives_the_prior_and_says_so(kind, tiny_run, synth_root, tmp_path):
     run, kwargs = break_predict(kind, tiny_run, tmp_path)
     out = tmp_path / "out" / "submission.csv"
-    result = predict_split(
-        synth_root, [run], out, progress=False, allow_fallback=True, predict_fn=None, **kwargs
-    )
+    result = predict_split(synth_root, [run], out, progress=False, allow_fallback=True, **kwargs)
     prior = pd.read_csv(run / "class_prior.csv")[list(PRED_COLUMNS)].to_numpy()
     assert result.n_prior == 2 == len(result.report)
     assert result.report["message"].str.contains("fallback: ").all()
@@ -499,11 +498,8 @@ def test_a_study_folder_in_neither_csv_gets_a_report_line(tiny_run, synth_root, 
     listed = next((root / "test_images").iterdir())
     shutil.copytree(listed, root / "test_images" / "999999")
 
-    def uniform(run_dir, cache_dir, study_ids, tta_flip=False, device=None):
-        return np.full((len(study_ids), 25, 3), 1 / 3)
-
     out = tmp_path / "submission.csv"
-    result = predict_split(root, [tiny_run], out, progress=False, predict_fn=uniform)
+    result = predict_split(root, [tiny_run], out, progress=False)
     report = pd.read_csv(tmp_path / "predict_report.csv").set_index("study_id")
     assert report.loc[999999, "source"] == "not_listed"
     assert (

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from lsdc.config import ConfigError, load_config
@@ -66,3 +68,33 @@ def test_importing_lsdc_bounds_openmp_spinning_unless_the_user_chose() -> None:
     env["GOMP_SPINCOUNT"] = "77"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "77", out.stderr
+
+
+def test_predict_threads_flag_reaches_predict(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lsdc import api, cli
+
+    seen = {}
+    nothing = SimpleNamespace(
+        report=pd.DataFrame({"source": []}),
+        submission=[],
+        submission_path="s",
+        report_path="r",
+        n_prior=0,
+    )
+    monkeypatch.setattr(api, "predict", lambda *a, **kw: seen.update(kw) or nothing)
+    for argv, threads in ((["--threads", "3"], 3), ([], 0)):
+        assert cli.main(["predict", "--data", "d", "--run", "r", *argv]) == 0
+        assert seen["threads"] == threads
+
+
+def test_worker_defaults_follow_the_cpus_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``taskset -c 0,1`` on a 64-core machine: synth and the demo start 2 processes, not 64."""
+    from lsdc import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    parser = cli.build_parser()
+    assert parser.parse_args(["synth", "--out", "o"]).workers == 2
+    assert parser.parse_args(["demo"]).workers == 2

@@ -28,8 +28,10 @@ from lsdc.contract import (
     study_row_ids,
 )
 from lsdc.datasets.levels import StackStore
+from lsdc.evaluation.drawing import PREDICTED_RGB, slice_image
 from lsdc.evaluation.metric import weighted_log_loss
-from lsdc.evaluation.viewer import PREDICTED_RGB, StudyViewer, gallery, slice_image
+from lsdc.evaluation.study_view import StudyViewer
+from lsdc.evaluation.viewer import gallery
 from lsdc.preprocessing.geometry import project_point
 
 torch.set_num_threads(1)

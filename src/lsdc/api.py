@@ -144,6 +144,7 @@ def predict(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     device: str | None = None,
+    threads: int = 0,
     progress: bool = True,
     allow_fallback: bool = False,
     check_descriptions: bool = False,
@@ -151,7 +152,8 @@ def predict(
     """Write a submission for ``split`` from one or more runs, and ``predict_report.csv``
     beside it; returns both as frames with their paths. A fold that cannot load, folds of
     different configs, a missing device, a bad worker count or an unusable cache are refused,
-    unless ``allow_fallback`` gives the studies concerned the class prior instead. With
+    unless ``allow_fallback`` gives the studies concerned the class prior instead. ``threads``:
+    torch threads of the model, 0 for the usable CPUs less the run's loader workers. With
     ``check_descriptions``, each listed series' description is compared with the role its DICOM
     headers give (a warning per disagreement, ``series_roles.csv`` beside the submission)."""
     from lsdc.inference.predict import predict_split
@@ -166,6 +168,7 @@ def predict(
         cache_dir=cache_dir,
         workers=workers,
         device=device,
+        threads=threads,
         progress=progress,
         allow_fallback=allow_fallback,
         check_descriptions=check_descriptions,
@@ -182,6 +185,7 @@ def predict_dicom(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     device: str | None = None,
+    threads: int = 0,
     progress: bool = True,
     allow_fallback: bool = False,
 ) -> DicomPredictResult:
@@ -203,6 +207,7 @@ def predict_dicom(
         cache_dir=cache_dir,
         workers=workers,
         device=device,
+        threads=threads,
         progress=progress,
         allow_fallback=allow_fallback,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from lsdc import api
 from lsdc.contract import N_LABELS, SPLITS
 from lsdc.errors import UserError
-from lsdc.utils import disk_error
+from lsdc.utils import disk_error, usable_cpus
 
 _OVERRIDES_HELP = (
     "dotted config overrides, e.g. optim.epochs=3 folds.fold=0 (anywhere among the flags)"
@@ -105,9 +104,9 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=usable_cpus(),
         help="processes rendering studies in parallel; the output is the same for any count "
-        "(default: one per CPU core, %(default)s here)",
+        "(default: one per CPU this process may use, %(default)s here)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -154,6 +153,8 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
+    from lsdc.preprocessing.cachedir import CacheDir
+
     report = api.preprocess(
         args.data,
         args.cache,
@@ -165,7 +166,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     counts = report["status"].value_counts()
     print(
         f"{counts.get('ok', 0)} stacks ok, {counts.get('warning', 0)} with warnings, "
-        f"{counts.get('error', 0)} series failed; report: {args.cache / 'preprocess_report.csv'}"
+        f"{counts.get('error', 0)} series failed; report: {CacheDir(args.cache).report}"
     )
     return 0
 
@@ -397,6 +398,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "exist, --workers is invalid or --cache is unusable, write the class prior for the "
         "studies concerned (counted on the last line) instead of stopping with an error",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the model (default 0: usable CPUs - the run's loader workers)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -407,6 +414,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         "cache_dir": args.cache,
         "workers": args.workers,
         "device": args.device,
+        "threads": args.threads,
         "progress": not args.quiet,
         "allow_fallback": args.allow_fallback,
     }
@@ -507,8 +515,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="synth and preprocessing processes (default: one per CPU core)",
+        default=usable_cpus(),
+        help="synth and preprocessing processes (default: one per CPU this process may use, "
+        "%(default)s here)",
     )
 
 

@@ -98,6 +98,7 @@ def run_demo(
     from lsdc import api
     from lsdc.evaluation.report import REPORT_FILE, print_summary
     from lsdc.inference.predict import prior_submission
+    from lsdc.preprocessing.cachedir import CacheDir
 
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"
@@ -112,7 +113,7 @@ def run_demo(
     with _stage("preprocess: DICOM -> cached volumes (train split)", clock) as artefact:
         api.preprocess(data, cache / "train", "train", workers=workers)
         artefact("cache", cache / "train")
-        artefact("report", cache / "train" / "preprocess_report.csv")
+        artefact("report", CacheDir(cache / "train").report)
 
     with _stage(f"train: config {config}", clock) as artefact:
         api.train(

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lsdc.errors import UserError
+from lsdc.utils import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {name}: lsdc runs on cpu or cuda")
     return device
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s limit),
-    not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows: no affinity call
-        return os.cpu_count() or 1
 
 
 def choose_threads(requested: int, loader_workers: int) -> int:

@@ -7,7 +7,9 @@ A run folder (``lsdc train --out RUN``) holds::
     RUN/class_prior.csv      smoothed class frequencies per label column (the fallback)
     RUN/oof.csv              out-of-fold probabilities of every trained fold
     RUN/metrics.csv          one row per (fold, epoch)
+    RUN/oof_score.json       the official score of oof.csv (every fold trained so far)
     RUN/calibration.json     per-condition temperatures (``lsdc evaluate --run RUN``)
+    RUN/evaluation/          ``lsdc evaluate --run RUN``'s default output folder (report.html)
     RUN/train.lock           the writer lock of ``lsdc train`` (the holder's pid; empty when free)
     RUN/fold{k}/last.pt      the latest epoch, with optimiser state (exact resume)
     RUN/fold{k}/best.pt      the served weights of the best epoch
@@ -85,6 +87,15 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.csv"
+
+    @property
+    def oof_score(self) -> Path:
+        return self.root / "oof_score.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """Where ``lsdc evaluate --run RUN`` writes its report unless told otherwise."""
+        return self.root / "evaluation"
 
     @property
     def calibration(self) -> Path:

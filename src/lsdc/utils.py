@@ -307,6 +307,15 @@ def _lock_holder(fd: int) -> str:
 _PR_SET_PDEATHSIG = 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s limit),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """How lsdc starts worker processes: ``fork`` where it is safe, else ``spawn``.
 

@@ -44,10 +44,10 @@ from lsdc.preprocessing.cache import (
     load_stack,
     read_cache_index,
     read_derived,
-    series_grid_path,
     stack_fingerprint,
     write_derived,
 )
+from lsdc.preprocessing.cachedir import CacheDir
 
 LOCALIZER_SERIES: tuple[str, ...] = SERIES_DESCRIPTIONS
 """The localizer's input slots, one volume per series description."""
@@ -162,14 +162,14 @@ class StackStore:
         Sampling a series onto the localizer grid reads every voxel of its stacks (12 MB of a
         20 x 512 x 512 stack for a 2 MB grid), in every epoch and every worker. The first call
         writes the volume, with each stack's :meth:`intensity`, beside the study's entries
-        (:func:`~lsdc.preprocessing.cache.series_grid_path`); later calls, in any process, read
+        (:meth:`~lsdc.preprocessing.cachedir.CacheDir.series_grid`); later calls, in any process, read
         those 2 MB back. A file made from other stacks (cached again) is recomputed.
         """
         grid = self.series_grid(study_id, description, shape)
         if grid is None:
             return None
         keys = self.stacks(study_id, description)
-        path = series_grid_path(self.cache_dir, study_id, description, shape)
+        path = CacheDir(self.cache_dir).series_grid(study_id, description, shape)
         fingerprint = stack_fingerprint(self.cache_dir, keys)
         stored = read_derived(path, fingerprint)
         if stored is not None and len(stored.get("intensity", ())) == len(keys):

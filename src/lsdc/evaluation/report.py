@@ -52,7 +52,7 @@ from lsdc.rundir import RunDir
 from lsdc.utils import atomic_files, check_input_dir, check_output_dir, json_text
 
 if TYPE_CHECKING:
-    from lsdc.evaluation.viewer import StudyViewer
+    from lsdc.evaluation.study_view import StudyViewer
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.json"
@@ -119,7 +119,7 @@ def evaluate_files(
     if cache_dir is not None and run is None:
         raise UserError("--cache draws the run's studies in the report: give --run RUN too")
     out = Path(out_dir) if out_dir is not None else None
-    out = out or (run / "evaluation" if run is not None else pred_path.parent / "evaluation")
+    out = out or (RunDir(run).evaluation if run is not None else pred_path.parent / "evaluation")
     check_output_dir(out, "--out")
     if data_root is not None:
         labels_path = Path(data_root) / "train.csv"
@@ -132,7 +132,7 @@ def evaluate_files(
         pred_path = write_csv_atomic(served, out / SERVED_OOF_FILE)
     viewer = None
     if cache_dir is not None:
-        from lsdc.evaluation.viewer import StudyViewer
+        from lsdc.evaluation.study_view import StudyViewer
 
         viewer = StudyViewer(run, cache_dir, data_root)
     return evaluate(

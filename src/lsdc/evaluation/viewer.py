@@ -1,37 +1,34 @@
-"""The study viewer: one study as the model sees it, on one self-contained page.
+"""The study viewer's pages: one study on one self-contained page or PNG (``lsdc show``), and the
+gallery of report.html.
 
 On real data the first question is "where did it look?": a localizer one level too high, an
 axial stack read upside down or a crop that misses the foramen is a bad number in a table and an
-obvious mistake in a picture. For one study this draws each series at its most informative slices
-(mid-sagittal T2/STIR for the canal, the left and right parasagittal T1 slices through the
-foramina, the axial slice nearest each level) with the points stage 1 predicts and, where labels
-exist, the labelled points (their distance in mm written); the 25 predicted rows against the
-truth; and the stage-2 crops the grader reads. Whole-series runs get the same slices and table
-(they predict no points and read no crops); a study without labels gets the predictions alone;
-a series the study lacks, or that could not be read, shows as missing.
+obvious mistake in a picture. For one study a page shows each series at its most informative
+slices with the points the run predicts and, where labels exist, the labelled points (their
+distance in mm written); the 25 predicted rows against the truth; and the crops the run's task
+reads, if it reads any. A run whose task shows no points or crops gets the same slices and
+table; a study without labels gets the predictions alone; a series the study lacks, or that
+could not be read, shows as missing.
 
 ``lsdc show`` writes one such page (or one PNG); ``lsdc evaluate --run RUN --cache CACHE`` adds
 to report.html a gallery of compact panels (the studies with the largest loss and a few random
 ones), each linking to its full page in ``studies/``, and stage 1's error per level and side.
 Every page is self-contained (images are JPEG and PNG data URIs) and opens offline in any browser.
 
-Torch is imported only inside the functions that run a model: importing this module is cheap.
+Three concerns, three modules: ``study_view.py`` chooses the slices (running the run through
+:class:`lsdc.tasks.served.ServedRun`), ``drawing.py`` draws them, this module lays out pages.
 """
 
 from __future__ import annotations
 
 import html
-import io
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
 
 from lsdc.contract import (
-    CLASS_WEIGHTS,
     CONDITIONS,
     IGNORE_INDEX,
     LABEL_COLUMNS,
@@ -39,30 +36,15 @@ from lsdc.contract import (
     LEVELS,
     N_LABELS,
     PRED_COLUMNS,
-    SERIES_DESCRIPTIONS,
     SEVERITIES,
-    SPLITS,
-    label_index,
-    labels_to_indices,
-    load_label_coordinates,
-    load_series_descriptions,
-    load_train_labels,
     study_row_ids,
 )
-from lsdc.datasets.crops import locate_in_stacks
 from lsdc.errors import UserError
 from lsdc.evaluation import plots
+from lsdc.evaluation.drawing import crop_image, crop_montage, crop_window, jpeg_tag, slice_image
 from lsdc.evaluation.metric import weighted_log_loss
-from lsdc.preprocessing.geometry import StackGeometry
-from lsdc.utils import atomic_path, check_input_dir, write_text_atomic
-
-PREDICTED_RGB = (255, 40, 40)
-"""Stage 1's predicted points: red crosses (no pixel of a grey slice is this red)."""
-LABELLED_RGB = (40, 220, 90)
-"""Labelled points (train_label_coordinates.csv): green circles."""
-LINK_RGB = (255, 210, 0)
-"""The line from a predicted point to its labelled point."""
-TEXT_RGB = (255, 255, 170)
+from lsdc.evaluation.study_view import SliceView, StudyView, StudyViewer
+from lsdc.utils import atomic_path, write_text_atomic
 
 PAGE_SIDE = 300
 """Pixels of a slice's longer side (in mm) on a full page."""
@@ -86,537 +68,6 @@ CONDITION_SHORT: dict[str, str] = {
     "left_subarticular_stenosis": "L subarticular",
     "right_subarticular_stenosis": "R subarticular",
 }
-
-
-@dataclass(frozen=True)
-class SagittalViewSpec:
-    """One sagittal view: which series, which findings' points choose and mark its slice.
-
-    Attributes:
-        toward_left: without any point, the slice this far along the patient's right->left axis
-            (0.5 = middle slice).
-    """
-
-    description: str
-    condition: str
-    title: str
-    toward_left: float
-
-
-SAGITTAL_VIEWS: tuple[SagittalViewSpec, ...] = (
-    SagittalViewSpec("Sagittal T2/STIR", "spinal_canal_stenosis", "mid-sagittal: canal", 0.5),
-    SagittalViewSpec(
-        "Sagittal T1", "left_neural_foraminal_narrowing", "left parasagittal: left foramina", 0.75
-    ),
-    SagittalViewSpec(
-        "Sagittal T1",
-        "right_neural_foraminal_narrowing",
-        "right parasagittal: right foramina",
-        0.25,
-    ),
-)
-AXIAL_CONDITIONS: tuple[str, str] = ("left_subarticular_stenosis", "right_subarticular_stenosis")
-
-
-# ----------------------------------------------------------------------------------- the view
-@dataclass(frozen=True)
-class Mark:
-    """One point drawn on a slice, in that slice's voxel indices.
-
-    Attributes:
-        label: its label column (index into LABEL_COLUMNS).
-        name: what the page writes beside it (a level on sagittal views, a side on axial ones).
-        predicted: stage 1's point (True) or the labelled one.
-        off_slices: signed distance of the point from the shown slice, in slices (a point is drawn
-            where it projects onto the slice along the normal).
-    """
-
-    label: int
-    name: str
-    predicted: bool
-    row: float
-    col: float
-    off_slices: float
-
-
-@dataclass
-class SliceView:
-    """One slice of one series with its marks; ``image`` None when the series is missing."""
-
-    title: str
-    image: np.ndarray | None
-    pixel_spacing: tuple[float, float]
-    marks: list[Mark]
-    note: str
-
-
-@dataclass
-class StudyView:
-    """Everything a page shows about one study.
-
-    Attributes:
-        probs: (25, 3) predicted probabilities (NaN where the source has no row).
-        probs_from: one line saying where ``probs`` come from.
-        points_from: one line saying which model predicted the points (or why there are none).
-        truth: (25,) class index per label, IGNORE_INDEX where unlabelled; None for a study
-            without labels.
-        predicted_points / labelled_points: (25, 3) patient mm, NaN unknown; None if none.
-        crops: (25, planes, size, size) stage-2 crops as the grader reads them (right-sided ones
-            mirrored), with ``crops_present`` (25,); None for a run without a stage 2.
-        sagittal / axial: the slices drawn.
-        missing: series description -> why the study has no image of it.
-    """
-
-    study_id: int
-    probs: np.ndarray
-    probs_from: str
-    points_from: str
-    truth: np.ndarray | None
-    predicted_points: np.ndarray | None
-    labelled_points: np.ndarray | None
-    crops: np.ndarray | None
-    crops_present: np.ndarray | None
-    sagittal: list[SliceView]
-    axial: list[SliceView]
-    missing: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def point_errors(self) -> np.ndarray:
-        """(25,) distance in mm between predicted and labelled point; NaN where one is unknown."""
-        if self.predicted_points is None or self.labelled_points is None:
-            return np.full(N_LABELS, np.nan)
-        return np.linalg.norm(self.predicted_points - self.labelled_points, axis=1)
-
-    @property
-    def row_losses(self) -> np.ndarray:
-        """(25,) -log p(true class) of each labelled row (NaN unlabelled or unpredicted)."""
-        losses = np.full(N_LABELS, np.nan)
-        if self.truth is None:
-            return losses
-        for j in np.flatnonzero(self.truth != IGNORE_INDEX):
-            p = self.probs[j]
-            if np.isfinite(p).all():
-                losses[j] = weighted_log_loss(np.eye(3)[self.truth[j]][None], p[None], np.ones(1))
-        return losses
-
-    @property
-    def loss(self) -> float | None:
-        """Weighted log loss of the study's labelled, predicted rows (weights 1/2/4 as scored)."""
-        if self.truth is None:
-            return None
-        rows = np.flatnonzero((self.truth != IGNORE_INDEX) & np.isfinite(self.probs).all(axis=1))
-        if rows.size == 0:
-            return None
-        weights = np.asarray(CLASS_WEIGHTS)[self.truth[rows]]
-        return weighted_log_loss(np.eye(3)[self.truth[rows]], self.probs[rows], weights)
-
-
-# --------------------------------------------------------------------------------- the viewer
-class StudyViewer:
-    """Draws studies of one cache with one run's models and, where the root has them, labels.
-
-    Args:
-        run_dir: the run whose models predict (and, for a two-stage run, localise and crop).
-        cache_dir: the preprocessed cache holding the studies (train or test split).
-        data_root: competition root: ``train.csv`` and ``train_label_coordinates.csv`` give the
-            truth and the labelled points of training studies, ``{split}_series_descriptions.csv``
-            tells a series the study lacks from one that could not be read.
-    """
-
-    def __init__(
-        self, run_dir: str | Path, cache_dir: str | Path, data_root: str | Path | None
-    ) -> None:
-        from lsdc.datasets.levels import StackStore
-        from lsdc.tasks.served import ServedRun
-
-        check_input_dir(Path(run_dir), "run")
-        self.store = StackStore(cache_dir, in_memory=False)
-        self.served = ServedRun(run_dir, cache_dir, device="cpu")
-        self.served.model(self.served.folds[0])  # a run that cannot load fails here, early
-        self.data_root = None if data_root is None else Path(data_root)
-        self.labels: pd.DataFrame | None = None
-        self.coordinates: pd.DataFrame | None = None
-        listings = []
-        if data_root is not None:
-            root = Path(data_root)
-            if (root / "train.csv").is_file():
-                self.labels = load_train_labels(root / "train.csv").set_index("study_id")
-            if (root / "train_label_coordinates.csv").is_file():
-                self.coordinates = load_label_coordinates(root / "train_label_coordinates.csv")
-            for split in SPLITS:
-                path = root / f"{split}_series_descriptions.csv"
-                if path.is_file():
-                    listings.append(load_series_descriptions(path).assign(listed_in=path.name))
-        self.listed = pd.concat(listings, ignore_index=True) if listings else None
-
-    def localization(self) -> dict[str, Any] | None:
-        """Stage 1's out-of-fold error (:func:`lsdc.evaluation.localization.localization_summary`);
-        None for a run whose task locates nothing or without the root's labelled points."""
-        if self.coordinates is None or self.data_root is None:
-            return None
-        from lsdc.evaluation.localization import localization_summary
-
-        return localization_summary(self.served, self.data_root)
-
-    def truth(self, study_id: int) -> np.ndarray | None:
-        """(25,) class indices of a study in train.csv; None for any other study."""
-        if self.labels is None or study_id not in self.labels.index:
-            return None
-        return labels_to_indices(self.labels.loc[[study_id]].reset_index())[0]
-
-    def missing_series(self, study_id: int) -> dict[str, str]:
-        """Series description -> why the cache has no image of it (absent ones only)."""
-        listed = (
-            self.listed[self.listed["study_id"] == study_id]
-            if self.listed is not None
-            else pd.DataFrame(columns=["series_id", "series_description", "listed_in"])
-        )
-        missing = {}
-        for description in SERIES_DESCRIPTIONS:
-            if self.store.stacks(study_id, description):
-                continue
-            rows = listed[listed["series_description"] == description]
-            if rows.empty:
-                missing[description] = "the study has no such series"
-            else:
-                ids = ", ".join(str(int(s)) for s in rows["series_id"])
-                missing[description] = (
-                    f"series {ids} is listed in {rows['listed_in'].iloc[0]} but not in the cache "
-                    "(unreadable: see the cache's preprocess_report.csv)"
-                )
-        return missing
-
-    def view(
-        self,
-        study_id: int,
-        probs: np.ndarray | None = None,
-        truth: np.ndarray | None = None,
-        probs_from: str | None = None,
-    ) -> StudyView:
-        """Run the model on one study and choose its slices.
-
-        Args:
-            probs: (25, 3) probabilities to show instead of the model's (e.g. a prediction file's
-                rows, NaN where it has none), with ``probs_from`` saying where they come from.
-            truth: (25,) class indices to score against instead of train.csv's.
-
-        Raises:
-            UserError: the study is neither in the cache nor listed in the root's series CSVs.
-        """
-        study_id = int(study_id)
-        known = study_id in set(self.store.study_ids().tolist()) or (
-            self.listed is not None and (self.listed["study_id"] == study_id).any()
-        )
-        if not known:
-            raise UserError(
-                f"study {study_id}: not in {self.store.cache_dir / 'index.csv'} nor in any "
-                "{train,test}_series_descriptions.csv of the data root"
-            )
-        output = self.served.explain(study_id)
-        labelled = None
-        if self.coordinates is not None and self.truth(study_id) is not None:
-            from lsdc.datasets.levels import label_points_mm
-
-            labelled = label_points_mm(self.store, self.coordinates, study_id)
-        sagittal, axial = self.slices(study_id, output.points, labelled)
-        return StudyView(
-            study_id=study_id,
-            probs=output.probs if probs is None else np.asarray(probs, dtype=np.float64),
-            probs_from=output.source if probs_from is None else probs_from,
-            points_from=(
-                output.source if output.points is not None else "the run has no stage 1: no points"
-            ),
-            truth=self.truth(study_id) if truth is None else np.asarray(truth, dtype=np.int64),
-            predicted_points=output.points,
-            labelled_points=labelled,
-            crops=output.crops,
-            crops_present=output.crops_present,
-            sagittal=sagittal,
-            axial=axial,
-            missing=self.missing_series(study_id),
-        )
-
-    def slices(
-        self, study_id: int, predicted: np.ndarray | None, labelled: np.ndarray | None
-    ) -> tuple[list[SliceView], list[SliceView]]:
-        """The sagittal views and the axial slices of a study, chosen by the points (predicted
-        first, else labelled; by position without any) and marked with both sets.
-
-        Args:
-            predicted / labelled: (25, 3) patient points, NaN unknown, or None.
-        """
-        missing = self.missing_series(int(study_id))
-        sagittal = [
-            self._sagittal(int(study_id), spec, predicted, labelled, missing)
-            for spec in SAGITTAL_VIEWS
-        ]
-        return sagittal, self._axial(int(study_id), predicted, labelled, missing)
-
-    # ------------------------------------------------------------------------------ slices
-    def _sagittal(
-        self,
-        study_id: int,
-        spec: SagittalViewSpec,
-        predicted: np.ndarray | None,
-        labelled: np.ndarray | None,
-        missing: dict[str, str],
-    ) -> SliceView:
-        title = f"{spec.description}, {spec.title}"
-        key = self.store.best.get((study_id, spec.description))
-        if key is None:
-            return SliceView(title, None, (1.0, 1.0), [], f"missing: {missing[spec.description]}")
-        stack = self.store.load(key)
-        geometry, n = stack.geometry, stack.array.shape[0]
-        labels = [label_index(spec.condition, level) for level in LEVELS]
-        shown, how = None, ""
-        for points, whose in ((predicted, "predicted"), (labelled, "labelled")):
-            known = [] if points is None else [j for j in labels if np.isfinite(points[j]).all()]
-            if known:
-                slices = geometry.patient_to_voxel(points[known])[:, 0]
-                shown = int(np.clip(np.round(np.median(slices)), 0, n - 1))
-                how = f"median slice of the {whose} points"
-                break
-        if shown is None:
-            toward = spec.toward_left if geometry.normal[0] >= 0 else 1.0 - spec.toward_left
-            shown = int(round(toward * (n - 1)))
-            how = "no points: chosen by position"
-        marks = _marks(
-            geometry,
-            shown,
-            labels,
-            [LEVEL_NAMES[j % len(LEVELS)] for j in labels],
-            predicted,
-            labelled,
-        )
-        note = f"series {key[1]}, slice {shown + 1} of {n} ({how})"
-        return SliceView(title, _slice(stack.array, shown), geometry.pixel_spacing, marks, note)
-
-    def _axial(
-        self,
-        study_id: int,
-        predicted: np.ndarray | None,
-        labelled: np.ndarray | None,
-        missing: dict[str, str],
-    ) -> list[SliceView]:
-        keys = self.store.stacks(study_id, "Axial T2")
-        if not keys:
-            return [SliceView("Axial T2", None, (1.0, 1.0), [], f"missing: {missing['Axial T2']}")]
-        stacks = [self.store.load(k) for k in keys]
-        geometries = [s.geometry for s in stacks]
-        shapes = [s.array.shape for s in stacks]
-        views = []
-        for lv, level in enumerate(LEVELS):
-            centre, whose = _level_centre(predicted, level), "predicted"
-            if centre is None:
-                centre, whose = _level_centre(labelled, level), "labelled"
-            if centre is None:
-                continue
-            k, voxel = locate_in_stacks(centre, geometries, shapes)
-            n = shapes[k][0]
-            shown = int(np.clip(np.round(voxel[0]), 0, n - 1))
-            beyond = "" if -0.5 <= voxel[0] <= n - 0.5 else "; the level lies beyond every stack"
-            labels = [label_index(c, level) for c in AXIAL_CONDITIONS]
-            marks = _marks(geometries[k], shown, labels, ["L", "R"], predicted, labelled)
-            stack_name = f", stack {keys[k][2]}" if len(keys) > 1 else ""
-            note = (
-                f"series {keys[k][1]}{stack_name}, slice {shown + 1} of {n} "
-                f"(nearest the {whose} level{beyond})"
-            )
-            views.append(
-                SliceView(
-                    f"Axial T2 at {LEVEL_NAMES[lv]}",
-                    _slice(stacks[k].array, shown),
-                    geometries[k].pixel_spacing,
-                    marks,
-                    note,
-                )
-            )
-        if views:
-            return views
-        key = self.store.best[(study_id, "Axial T2")]
-        stack = self.store.load(key)
-        n = stack.array.shape[0]
-        return [
-            SliceView(
-                f"Axial T2 slice {s + 1} of {n}",
-                _slice(stack.array, s),
-                stack.geometry.pixel_spacing,
-                [],
-                f"series {key[1]}: no points, slices evenly spaced",
-            )
-            for s in sorted({int(round(x)) for x in np.linspace(0, n - 1, len(LEVELS))})
-        ]
-
-
-def _slice(array: np.ndarray, index: int) -> np.ndarray:
-    return np.asarray(array[index], dtype=np.float32)
-
-
-def _level_centre(points: np.ndarray | None, level: str) -> np.ndarray | None:
-    """Where a level's axial slice should pass: the mean of its subarticular points, else its
-    canal point; None when the level has neither."""
-    if points is None:
-        return None
-    for conditions in (AXIAL_CONDITIONS, ("spinal_canal_stenosis",)):
-        rows = points[[label_index(c, level) for c in conditions]]
-        rows = rows[np.isfinite(rows).all(axis=1)]
-        if len(rows):
-            return rows.mean(axis=0)
-    return None
-
-
-def _marks(
-    geometry: StackGeometry,
-    shown: int,
-    labels: list[int],
-    names: list[str],
-    predicted: np.ndarray | None,
-    labelled: np.ndarray | None,
-) -> list[Mark]:
-    """The points of ``labels`` in the voxel frame of the shown slice's stack."""
-    marks = []
-    for points, is_predicted in ((labelled, False), (predicted, True)):
-        if points is None:
-            continue
-        for j, name in zip(labels, names, strict=True):
-            if not np.isfinite(points[j]).all():
-                continue
-            s, row, col = geometry.patient_to_voxel(points[j][None])[0]
-            marks.append(Mark(j, name, is_predicted, float(row), float(col), float(s - shown)))
-    return marks
-
-
-# ---------------------------------------------------------------------------------- pictures
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
-def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = (np.asarray(values, dtype=np.float32) - low) / max(high - low, 1e-6)
-    return (np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def _jpeg_tag(image: Image.Image, alt: str) -> str:
-    """An inline JPEG: MR images are noisy, so PNG would be three times larger. Quality 90 with
-    full-resolution colour keeps the one-pixel marks crisp."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90, subsampling=0)
-    return plots.img_tag(buffer.getvalue(), alt, mime="image/jpeg")
-
-
-def marker_position(
-    mark: Mark, shape: tuple[int, int], size: tuple[int, int]
-) -> tuple[float, float]:
-    """Pixel (x, y) of a mark on a slice of ``shape`` (rows, cols) drawn at ``size`` (width,
-    height): voxel centres land on the centres of the pixels they are resized onto."""
-    rows, cols = shape
-    return (mark.col + 0.5) * size[0] / cols - 0.5, (mark.row + 0.5) * size[1] / rows - 0.5
-
-
-def slice_image(view: SliceView, side: int, errors: np.ndarray | None = None) -> Image.Image:
-    """A slice at its physical aspect, the longer side ``side`` pixels, with its marks drawn:
-    labelled points as green circles, predicted ones as red crosses joined to their labelled
-    point; with ``errors`` (full pages) each predicted point's name, distance in mm and
-    distance off the slice written beside it.
-
-    Raises:
-        ValueError: the view has no image (a missing series).
-    """
-    if view.image is None:
-        raise ValueError(f"{view.title}: no image (missing series)")
-    rows, cols = view.image.shape
-    low, high = np.percentile(view.image, [0.5, 99.5])
-    height_mm, width_mm = rows * view.pixel_spacing[0], cols * view.pixel_spacing[1]
-    scale = side / max(height_mm, width_mm)
-    size = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
-    gray = Image.fromarray(_to_uint8(view.image, low, high)).resize(size, Image.Resampling.BILINEAR)
-    image = gray.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    r = max(3, side // 60)
-    at = {(m.label, m.predicted): marker_position(m, (rows, cols), size) for m in view.marks}
-    for (j, predicted), xy in at.items():
-        if predicted and (j, False) in at:
-            draw.line([xy, at[(j, False)]], fill=LINK_RGB, width=1)
-    for m in view.marks:
-        x, y = at[(m.label, m.predicted)]
-        if m.predicted:
-            draw.line([(x - r, y), (x + r, y)], fill=PREDICTED_RGB, width=2)
-            draw.line([(x, y - r), (x, y + r)], fill=PREDICTED_RGB, width=2)
-        else:
-            draw.ellipse([x - r, y - r, x + r, y + r], outline=LABELLED_RGB, width=2)
-    if errors is not None:
-        _write_names(draw, view.marks, at, errors, size[0], r)
-    return image
-
-
-def _write_names(
-    draw: ImageDraw.ImageDraw,
-    marks: list[Mark],
-    at: dict[tuple[int, bool], tuple[float, float]],
-    errors: np.ndarray,
-    width: int,
-    r: int,
-) -> None:
-    """Beside each predicted point (each labelled one when there are none): its name, its
-    distance to the labelled point and how many slices off the shown slice it lies. Points side
-    by side (left and right on an axial slice) get their text on their outer sides."""
-    font = _font(11)
-    has_predicted = any(m.predicted for m in marks)
-    named = [m for m in marks if m.predicted == has_predicted]
-    xs = np.array([at[(m.label, m.predicted)][0] for m in named])
-    ys = np.array([at[(m.label, m.predicted)][1] for m in named])
-    side_by_side = len(named) > 1 and np.ptp(xs) > np.ptp(ys)
-    for m, x, y in zip(named, xs, ys, strict=True):
-        text = m.name
-        if np.isfinite(errors[m.label]):
-            text += f": {errors[m.label]:.1f} mm"
-        if abs(m.off_slices) >= 0.5:
-            text += f" ({m.off_slices:+.0f} sl)"
-        length = draw.textlength(text, font=font)
-        right = x >= xs.mean() if side_by_side else True
-        if right and x + r + 3 + length > width:
-            right = False
-        elif not right and x - r - 3 - length < 0:
-            right = True
-        tx = x + r + 3 if right else x - r - 3 - length
-        draw.text(
-            (tx, y - 7), text, fill=TEXT_RGB, font=font, stroke_width=1, stroke_fill=(0, 0, 0)
-        )
-
-
-def _crop_window(crops: np.ndarray, present: np.ndarray) -> tuple[float, float]:
-    """One intensity window for all of a study's crops (they share the grader's normalisation,
-    so relative brightness between them is kept)."""
-    values = crops[present] if present.any() else crops
-    low, high = np.percentile(values, [0.5, 99.5])
-    return float(low), float(high)
-
-
-def crop_image(crop: np.ndarray, window: tuple[float, float], cell: int) -> Image.Image:
-    """One crop's planes side by side, each ``cell`` pixels square, 2 px apart."""
-    planes = [
-        Image.fromarray(_to_uint8(plane, *window)).resize((cell, cell), Image.Resampling.BILINEAR)
-        for plane in crop
-    ]
-    image = Image.new("L", (len(planes) * (cell + 2) - 2, cell), 0)
-    for k, plane in enumerate(planes):
-        image.paste(plane, (k * (cell + 2), 0))
-    return image
-
-
-def crop_montage(crops: np.ndarray, present: np.ndarray, cell: int) -> Image.Image:
-    """The middle plane of every crop on a 5 x 5 grid: conditions down, levels across."""
-    window = _crop_window(crops, present)
-    n_conditions, n_levels = len(CONDITIONS), len(LEVELS)
-    image = Image.new("RGB", (n_levels * (cell + 2), n_conditions * (cell + 2)), (60, 60, 60))
-    middle = crops.shape[1] // 2
-    for j in range(N_LABELS):
-        if not present[j]:
-            continue
-        plane = Image.fromarray(_to_uint8(crops[j, middle], *window))
-        plane = plane.resize((cell, cell), Image.Resampling.BILINEAR).convert("RGB")
-        image.paste(plane, ((j % n_levels) * (cell + 2), (j // n_levels) * (cell + 2)))
-    return image
 
 
 # ------------------------------------------------------------------------------------- HTML
@@ -667,7 +118,7 @@ def _figure(view: SliceView, side: int, errors: np.ndarray | None, caption: bool
             f"<figcaption>{html.escape(view.title)}</figcaption></figure>"
         )
     image = slice_image(view, side, errors)
-    tag = _jpeg_tag(image, view.title)
+    tag = jpeg_tag(image, view.title)
     return f'<figure style="width:{image.size[0]}px">{tag}<figcaption>{text}</figcaption></figure>'
 
 
@@ -707,7 +158,7 @@ def crops_table(view: StudyView) -> str:
     """The 25 crops, every plane, as the grader reads them: conditions down, levels across."""
     if view.crops is None or view.crops_present is None:
         return "<p>This run has no stage 2: it reads whole series, not crops.</p>"
-    window = _crop_window(view.crops, view.crops_present)
+    window = crop_window(view.crops, view.crops_present)
     head = "<th></th>" + "".join(f"<th>{name}</th>" for name in LEVEL_NAMES)
     rows = []
     for c, condition in enumerate(CONDITIONS):
@@ -717,7 +168,7 @@ def crops_table(view: StudyView) -> str:
             if not view.crops_present[j]:
                 cells.append('<td class="missing">no image</td>')
                 continue
-            tag = _jpeg_tag(crop_image(view.crops[j], window, CROP_CELL), LABEL_COLUMNS[j])
+            tag = jpeg_tag(crop_image(view.crops[j], window, CROP_CELL), LABEL_COLUMNS[j])
             cells.append(f"<td>{tag}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
@@ -813,7 +264,7 @@ def study_panel_html(view: StudyView, href: str, why: str) -> str:
         montage = crop_montage(view.crops, view.crops_present, 24)
         thumbs.append(
             "<figure>"
-            + _jpeg_tag(montage, "crops")
+            + jpeg_tag(montage, "crops")
             + "<figcaption>crops (middle planes; rows = conditions)</figcaption></figure>"
         )
     missing = f" · missing: {', '.join(view.missing)}" if view.missing else ""

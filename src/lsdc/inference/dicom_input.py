@@ -261,9 +261,9 @@ def predict_dicom(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     device: str | None = None,
+    threads: int = 0,
     progress: bool = True,
     allow_fallback: bool = False,
-    predict_fn=None,
 ) -> DicomPredictResult:
     """Predict every study of a DICOM folder tree; write, beside ``out_path`` (the submission),
     ``predict_report.csv``, ``series_roles.csv``, ``readings/{study}.md`` and
@@ -271,9 +271,9 @@ def predict_dicom(
 
     Args:
         dicom_dir: any folder tree of DICOM files (read only).
-        run_dirs, tta_flip, calibrate, cache_dir, workers, device, progress, allow_fallback,
-            predict_fn: as :func:`lsdc.inference.predict.predict_split` (``workers`` also reads
-            the headers).
+        run_dirs, tta_flip, calibrate, cache_dir, workers, device, threads, progress,
+            allow_fallback: as :func:`lsdc.inference.predict.predict_split` (``workers`` also
+            reads the headers).
         study_names: a CSV mapping StudyInstanceUID to the study's own id (``--study-id``);
             without it, rows use the StudyInstanceUID.
 
@@ -313,9 +313,9 @@ def predict_dicom(
             cache_dir=cache_dir,
             workers=workers,
             device=device,
+            threads=threads,
             progress=progress,
             allow_fallback=allow_fallback,
-            predict_fn=predict_fn,
         )
         by_id = {cache_study_id(uid): names[uid] for uid in study_uids}
         report = result.report.copy()

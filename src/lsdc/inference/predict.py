@@ -23,9 +23,10 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -49,8 +50,8 @@ from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
 from lsdc.utils import check_input_dir, check_output_dir, check_output_file
 
-PredictRunFn = Callable[..., np.ndarray]
-"""``predict_run(run_dir, cache_dir, study_ids, tta_flip=False, device=None) -> (n, 25, 3)``."""
+if TYPE_CHECKING:
+    from lsdc.tasks.served import ServedRun
 
 REPORT_NAME = "predict_report.csv"
 REPORT_COLUMNS = [
@@ -169,13 +170,9 @@ def _series_status(
     study_ids: Sequence[int], series: pd.DataFrame, cache_dir: Path, preprocess_error: str
 ) -> pd.DataFrame:
     """Per study: how many series were listed and read, what is missing, and why."""
-    from lsdc.preprocessing.cache import REPORT_COLUMNS as CACHE_REPORT_COLUMNS
+    from lsdc.preprocessing.cachedir import CacheDir
 
-    report_path = cache_dir / "preprocess_report.csv"
-    if report_path.is_file():
-        cache_report = pd.read_csv(report_path, dtype={"message": str}, keep_default_na=False)
-    else:
-        cache_report = pd.DataFrame(columns=CACHE_REPORT_COLUMNS)
+    cache_report = CacheDir(cache_dir).read_report()
     read = cache_report[cache_report["status"] != "error"]
     noted = cache_report[cache_report["message"].astype(str) != ""]
     rows = []
@@ -236,30 +233,21 @@ def _prior_row_notes(runs: Sequence[Path], status: pd.DataFrame) -> dict[int, st
 
 # -------------------------------------------------------------------------------- prediction
 def _run_predictions(
-    predict_fn: PredictRunFn,
-    run_dir: Path,
-    cache_dir: Path,
-    study_ids: list[int],
-    tta_flip: bool,
-    device: str | None,
+    served: ServedRun, study_ids: list[int], tta_flip: bool
 ) -> tuple[np.ndarray, dict[int, str]]:
     """(n, 25, 3) of one run, NaN where it failed, and the failure message per study.
 
     The whole batch is tried first (fast); if it raises, each study alone, so one poisoned study
     costs only itself.
     """
+    run_dir = served.run_dir
     out = np.full((len(study_ids), N_LABELS, N_CLASSES), np.nan)
     failures: dict[int, str] = {}
     if not study_ids:
         return out, failures
 
     def call(ids: list[int]) -> np.ndarray:
-        probs = np.asarray(predict_fn(run_dir, cache_dir, ids, tta_flip=tta_flip, device=device))
-        if probs.shape != (len(ids), N_LABELS, N_CLASSES):
-            raise ValueError(
-                f"predict_run returned shape {probs.shape}, expected ({len(ids)}, 25, 3)"
-            )
-        return probs
+        return served.predict(ids, tta=tta_flip)
 
     try:
         out[:] = call(study_ids)
@@ -318,9 +306,9 @@ def predict_split(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     device: str | None = None,
+    threads: int = 0,
     progress: bool = True,
     allow_fallback: bool = False,
-    predict_fn: PredictRunFn | None = None,
     check_descriptions: bool = False,
 ) -> PredictResult:
     """Write ``out_path`` (the submission) and ``predict_report.csv`` beside it.
@@ -335,24 +323,28 @@ def predict_split(
         cache_dir: keep the preprocessed cache here; default a temporary folder, removed after.
         workers: preprocessing processes.
         device: torch device for the model; None picks CUDA when available.
+        threads: torch threads of the model; 0 chooses them as training does (the usable CPUs
+            less the loader workers of the runs' configs, :func:`lsdc.distributed.choose_threads`).
         progress: show progress bars.
         allow_fallback: where the tools fail (a fold that cannot load, folds of different
             configs, a missing device, a bad worker count, an unusable cache, preprocessing that
             crashes), give the studies concerned the class prior, with a warning and a report
             line, instead of refusing.
-        predict_fn: stand-in for the served runs' ``predict`` (tests), called as
-            :data:`PredictRunFn`.
         check_descriptions: also compare each listed series' description with the role its
             DICOM headers give, warn where they disagree and write ``series_roles.csv``
             beside the submission (:func:`lsdc.inference.dicom_input.check_descriptions`).
 
     Raises:
         UserError: a run folder is unusable, neither CSV lists a study, ``out_path`` cannot be
-            written, or (without ``allow_fallback``) one of the tool failures above. Nothing
-            about the images themselves raises: bad series degrade to the prior and a report line.
+            written, ``threads`` is negative, or (without ``allow_fallback``) one of the tool
+            failures above. Nothing about the images themselves raises: bad series degrade to
+            the prior and a report line.
     """
+    from lsdc.distributed import set_torch_threads
     from lsdc.tasks.served import ServedRun
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UserError(f"--threads must be 0 (automatic) or more, got {threads!r}")
     data_root, out_path = Path(data_root), Path(out_path)
     check_output_file(out_path, "--out")
     runs = [check_run(r) for r in run_dirs]
@@ -376,9 +368,9 @@ def predict_split(
                 served[run] = ServedRun(run, cache, device)
             except UserError as exc:
                 for_run[run] = _refuse_or_fall_back(str(exc), allow_fallback)
-
-        def serve(run_dir: Path, cache_dir: Path, ids: list[int], **kw: object) -> np.ndarray:
-            return served[run_dir].predict(ids, tta=bool(kw.get("tta_flip")))
+        set_torch_threads(
+            threads, max((s.config.data.num_workers for s in served.values()), default=0)
+        )
 
         row_ids, series = list_studies(data_root, split)
         study_ids = list(dict.fromkeys(parse_row_id(r)[0] for r in row_ids))
@@ -403,9 +395,7 @@ def predict_split(
                 probs = np.full((len(usable), N_LABELS, N_CLASSES), np.nan)
                 run_failures = dict.fromkeys(usable, f"{run.name}: {for_run[run]}")
             else:
-                probs, run_failures = _run_predictions(
-                    predict_fn or serve, run, cache, usable, tta_flip, device
-                )
+                probs, run_failures = _run_predictions(served[run], usable, tta_flip)
             per_run.append(probs)
             for sid, msg in run_failures.items():
                 failures[sid] = "; ".join(filter(None, [failures.get(sid, ""), msg]))

@@ -33,6 +33,14 @@ from tqdm import tqdm
 
 from lsdc.contract import SPLITS, load_series_descriptions, write_csv_atomic
 from lsdc.errors import MachineError, UserError
+from lsdc.preprocessing.cachedir import (
+    INDEX_COLUMNS,
+    REPORT_COLUMNS,
+    SERIES_RECORD,
+    TMP_PREFIX,
+    CacheDir,
+    stack_file_names,
+)
 from lsdc.preprocessing.dicom import SeriesReadError, Volume, read_series
 from lsdc.preprocessing.geometry import StackGeometry, canonical_in_plane
 from lsdc.utils import (
@@ -50,34 +58,6 @@ from lsdc.utils import (
 CACHE_FORMAT = 2
 """Version of the cache layout: 2 puts every stack in the canonical in-plane orientation and
 resamples (``--spacing``) over the full extent; a cache of another format is refused."""
-SERIES_RECORD = "series.json"
-"""Per-series record: its report rows and the size of every file of the entry; present exactly
-when the series entry is complete."""
-LOCK_NAME = "preprocess.lock"
-"""The writer's lock file: ``flock``-ed by the run writing the cache, holding its pid (empty when
-no run holds it). The kernel drops the lock when its holder dies, so a killed run leaves none."""
-
-REPORT_COLUMNS = [
-    "study_id",
-    "series_id",
-    "series_description",
-    "stack",
-    "n_slices",
-    "status",
-    "message",
-]
-INDEX_COLUMNS = [
-    "study_id",
-    "series_id",
-    "series_description",
-    "stack",
-    "n_slices",
-    "rows",
-    "cols",
-    "status",
-    "message",
-]
-_TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -102,14 +82,6 @@ class CachedStack:
 
 
 # ------------------------------------------------------------------------------------ reading
-def stack_paths(
-    cache_dir: str | Path, study_id: int, series_id: int, stack: int = 0
-) -> tuple[Path, Path]:
-    """The ``.npy`` and ``.json`` paths of one cached stack."""
-    base = Path(cache_dir) / str(int(study_id)) / str(int(series_id)) / str(int(stack))
-    return base.with_suffix(".npy"), base.with_suffix(".json")
-
-
 def load_stack(
     cache_dir: str | Path, study_id: int, series_id: int, stack: int = 0, mmap: bool = True
 ) -> CachedStack:
@@ -118,11 +90,12 @@ def load_stack(
     Raises:
         UserError: the entry is missing or its sidecar is unreadable (names the file).
     """
-    npy, sidecar = stack_paths(cache_dir, study_id, series_id, stack)
+    cache = CacheDir(cache_dir)
+    npy, sidecar = cache.stack(study_id, series_id, stack)
     if not npy.is_file() or not sidecar.is_file():
         raise UserError(
             f"{npy}: no cached stack {stack} for study {study_id} series {series_id}; "
-            "run lsdc preprocess (see its preprocess_report.csv)"
+            f"run lsdc preprocess (see {cache.report})"
         )
     try:
         info = read_json(sidecar)
@@ -135,21 +108,13 @@ def load_stack(
 
 
 def read_cache_index(cache_dir: str | Path) -> pd.DataFrame:
-    """The cached stacks of a cache folder: one row per stack (INDEX_COLUMNS).
+    """The cached stacks of a cache folder: one row per stack (INDEX_COLUMNS;
+    :meth:`CacheDir.read_index`).
 
     Raises:
-        UserError: the folder has no index.csv.
+        UserError: the folder has no index.
     """
-    path = Path(cache_dir) / "index.csv"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run lsdc preprocess to build the cache")
-    index = pd.read_csv(path, dtype={"message": str}, keep_default_na=False)
-    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {missing}")
-    for c in ("study_id", "series_id", "stack", "n_slices", "rows", "cols"):
-        index[c] = index[c].astype(np.int64)
-    return index[INDEX_COLUMNS]
+    return CacheDir(cache_dir).read_index()
 
 
 def best_stacks(index: pd.DataFrame) -> pd.DataFrame:
@@ -170,29 +135,14 @@ def best_stacks(index: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- derived files
-DERIVED_FORMAT = 1
-"""Version of what a derived file holds (part of its name): bump it when the computation that
-makes one changes, so that older files are ignored rather than served."""
-
-
-def series_grid_path(
-    cache_dir: str | Path, study_id: int, description: str, shape: Sequence[int]
-) -> Path:
-    """Where the study's ``description`` series on a ``shape`` grid is kept once computed:
-    ``{study_id}/grid{DERIVED_FORMAT}-{description}-{S}x{R}x{C}.npz``, the description in
-    lower case with every other character a dash (``grid1-sagittal-t2-stir-32x128x128.npz``)."""
-    slug = "".join(c if c.isalnum() else "-" for c in description.lower())
-    size = "x".join(str(int(n)) for n in shape)
-    return Path(cache_dir) / str(int(study_id)) / f"grid{DERIVED_FORMAT}-{slug}-{size}.npz"
-
-
 def stack_fingerprint(cache_dir: str | Path, keys: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """``(len(keys), 4)`` int64: series_id, stack, byte size and modification time (ns) of each
     ``(study_id, series_id, stack)`` array; a stack cached again, or another set of stacks,
     gives another fingerprint."""
+    cache = CacheDir(cache_dir)
     rows = []
     for study_id, series_id, stack in keys:
-        info = stack_paths(cache_dir, study_id, series_id, stack)[0].stat()
+        info = cache.stack(study_id, series_id, stack)[0].stat()
         rows.append((series_id, stack, info.st_size, info.st_mtime_ns))
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
@@ -327,6 +277,7 @@ def preprocess_split(
     if study_ids is not None:
         wanted = series[series["study_id"].isin([int(s) for s in study_ids])]
 
+    cache = CacheDir(cache_dir)
     with cache_lock(cache_dir):
         _claim_cache(cache_dir, split, spacing)
         _remove_partial_entries(cache_dir)
@@ -334,20 +285,17 @@ def preprocess_split(
         todo = [
             (images, cache_dir, int(r.study_id), int(r.series_id), r.series_description, spacing)
             for r in wanted.itertuples(index=False)
-            if not (cache_dir / str(r.study_id) / str(r.series_id) / SERIES_RECORD).is_file()
+            if not cache.record(r.study_id, r.series_id).is_file()
         ]
         _cache_all(todo, workers, progress, f"preprocess {split}")
         all_rows = _collect_rows(cache_dir, series)
         report = pd.DataFrame(all_rows, columns=INDEX_COLUMNS)
-        write_csv_atomic(report[REPORT_COLUMNS], cache_dir / "preprocess_report.csv")
-        write_csv_atomic(report[report["status"] != "error"], cache_dir / "index.csv")
+        write_csv_atomic(report[REPORT_COLUMNS], cache.report)
+        write_csv_atomic(report[report["status"] != "error"], cache.index)
     key = set(zip(wanted["study_id"], wanted["series_id"], strict=True))
     asked = report[[k in key for k in zip(report["study_id"], report["series_id"], strict=True)]]
     if len(asked) and (asked["status"] == "error").all():
-        raise UserError(
-            f"no series could be read ({len(asked)} failed); "
-            f"see {cache_dir / 'preprocess_report.csv'}"
-        )
+        raise UserError(f"no series could be read ({len(asked)} failed); see {cache.report}")
     return asked[REPORT_COLUMNS].reset_index(drop=True)
 
 
@@ -367,10 +315,10 @@ def cache_series(
     is published: it says nothing about the series, and a rerun redoes it.
     """
     folder = images / str(study_id) / str(series_id)
-    final = cache_dir / str(study_id) / str(series_id)
+    final = CacheDir(cache_dir).entry(study_id, series_id)
     with disk_errors(final.parent):
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{series_id}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{series_id}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the entry private once renamed
@@ -416,8 +364,9 @@ def _write_stack(
     array, geometry, (flip_rows, flip_columns) = canonical_in_plane(volume.array, volume.geometry)
     if spacing is not None:
         array, geometry = resample_stack(array, geometry, spacing)
+    npy, sidecar_name = stack_file_names(stack)
     with disk_errors(folder.parent, array.nbytes):
-        np.save(folder / f"{stack}.npy", array, allow_pickle=False)
+        np.save(folder / npy, array, allow_pickle=False)
     meta = {**volume.meta, "series_description": base["series_description"]}
     sidecar = {
         "format": CACHE_FORMAT,
@@ -431,7 +380,7 @@ def _write_stack(
         "flipped": {"rows": flip_rows, "columns": flip_columns},
         "meta": meta,
     }
-    write_json_atomic(sidecar, folder / f"{stack}.json")
+    write_json_atomic(sidecar, folder / sidecar_name)
     messages = [*problems, *volume.warnings]
     return {
         **base,
@@ -470,7 +419,7 @@ def check_cache_settings(
         UserError: ``cache.json`` says otherwise, or cannot be read.
     """
     settings = _cache_settings(split, spacing)
-    path = Path(cache_dir) / "cache.json"
+    path = CacheDir(cache_dir).settings
     if path.is_file():
         try:
             existing = read_json(path)
@@ -494,19 +443,20 @@ def _cache_settings(split: str, spacing: Sequence[float] | None) -> dict[str, An
 def _claim_cache(cache_dir: Path, split: str, spacing: list[float] | None) -> None:
     """Write cache.json, or check that an existing cache was built with the same settings."""
     check_cache_settings(cache_dir, split, spacing)
-    if not (cache_dir / "cache.json").is_file():
-        write_json_atomic(_cache_settings(split, spacing), cache_dir / "cache.json")
+    settings = CacheDir(cache_dir).settings
+    if not settings.is_file():
+        write_json_atomic(_cache_settings(split, spacing), settings)
 
 
 def _remove_partial_entries(cache_dir: Path) -> None:
     """Delete the temporary folders a killed run left behind (safe: this run holds the lock, so
     no other run is writing one)."""
-    for partial in cache_dir.glob(f"*/{_TMP_PREFIX}*"):
+    for partial in CacheDir(cache_dir).partial_entries():
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def cache_lock(cache_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold the cache's writer lock (``LOCK_NAME``, :func:`lsdc.utils.writer_lock`) for the
+    """Hold the cache's writer lock (``preprocess.lock``, :func:`lsdc.utils.writer_lock`) for the
     block: a second run refuses at once, naming the holder's pid, instead of deleting that run's
     temporary entries.
 
@@ -518,7 +468,7 @@ def cache_lock(cache_dir: Path) -> contextlib.AbstractContextManager[None]:
         "another lsdc preprocess (pid {pid}) is writing this cache; "
         "wait for it to end, or use another --cache"
     )
-    return writer_lock(cache_dir, LOCK_NAME, "--cache", busy, CacheBusyError)
+    return writer_lock(cache_dir, CacheDir(cache_dir).lock_name, "--cache", busy, CacheBusyError)
 
 
 def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str) -> None:
@@ -574,10 +524,7 @@ def _publish_entry(tmp: Path, final: Path, rows: list[dict[str, Any]]) -> None:
 def _needed_files(rows: list[dict[str, Any]]) -> list[str]:
     """The files an entry must hold: the array and sidecar of every stack its rows report."""
     return [
-        f"{row['stack']}.{suffix}"
-        for row in rows
-        if row["status"] != "error"
-        for suffix in ("npy", "json")
+        name for row in rows if row["status"] != "error" for name in stack_file_names(row["stack"])
     ]
 
 
@@ -606,8 +553,9 @@ def entry_problem(entry: Path) -> str | None:
 def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
     """Delete every entry of ``series`` that :func:`entry_problem` finds broken (saying so on
     stderr), so that this run writes it again."""
+    cache = CacheDir(cache_dir)
     for r in series.itertuples(index=False):
-        entry = cache_dir / str(r.study_id) / str(r.series_id)
+        entry = cache.entry(r.study_id, r.series_id)
         if not entry.is_dir():
             continue
         problem = entry_problem(entry)
@@ -620,9 +568,10 @@ def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
 
 
 def _collect_rows(cache_dir: Path, series: pd.DataFrame) -> list[dict[str, Any]]:
+    cache = CacheDir(cache_dir)
     rows: list[dict[str, Any]] = []
     for r in series.sort_values(["study_id", "series_id"]).itertuples(index=False):
-        record = cache_dir / str(r.study_id) / str(r.series_id) / SERIES_RECORD
+        record = cache.record(r.study_id, r.series_id)
         if record.is_file():
             rows.extend(read_json(record)["rows"])
     return rows

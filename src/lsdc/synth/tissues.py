@@ -36,7 +36,7 @@ TISSUES: dict[int, tuple[tuple[float, float], tuple[float, float], tuple[float, 
 """T1, T2, PD ranges per tissue code (nucleus and marrow: NUCLEUS_* and MARROW_WATER)."""
 MARROW_WATER = ((650.0, 750.0), (40.0, 60.0), (88.0, 92.0))
 """The water compartment of vertebral marrow; its fat compartment is FAT's."""
-NUCLEUS_HEALTHY = ((1100.0, 1200.0), (110.0, 150.0), (78.0, 82.0))
+NUCLEUS_HEALTHY = ((1100.0, 1200.0), (120.0, 210.0), (78.0, 82.0))
 NUCLEUS_DEGENERATED = ((550.0, 720.0), (50.0, 85.0), (50.0, 60.0))
 """A disc nucleus interpolates between these by its degeneration (Pfirrmann I-II to IV)."""
 T1_AT_3T = {an.CSF: (1.0, 1.05), an.FAT: (1.25, 1.35)}

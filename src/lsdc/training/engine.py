@@ -616,7 +616,7 @@ def train_run(
                 scored = labels_to_solution(labels)
                 scored = scored[scored["row_id"].isin(oof["row_id"])]
                 score = official_score(scored, oof)
-                write_json_atomic(score.as_dict(), run_dir / "oof_score.json")
+                write_json_atomic(score.as_dict(), RunDir(run_dir).oof_score)
                 if progress:
                     tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
         barrier(ctx)
