@@ -75,9 +75,12 @@ def small_disk(tmp_path: Path) -> Iterator[tuple[Path, Resize]]:
 
 
 def one_line(err: str) -> str:
+    """The verb's error: one line, stderr's last (above it only the verb's log, such as a
+    training's epochs), no traceback."""
     lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    assert [line for line in lines if ": error: " in line] == lines[-1:], lines
+    assert "Traceback" not in err, err
+    return lines[-1]
 
 
 def fill(disk: Path, leave: int) -> Path:
