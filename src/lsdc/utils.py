@@ -156,7 +156,8 @@ def _json_default(obj: Any) -> Any:
 
 def check_input_dir(path: str | Path, what: str) -> Path:
     """Refuse, before any work, an input folder that is missing or is a file: one line naming
-    ``what`` (a flag, or what the folder holds: ``"run"``) and the path, instead of a traceback
+    ``what`` (the API parameter, in backticks as messages write it: ``"`data_root`"``, or
+    what the folder holds: ``"run"``) and the path, instead of a traceback
     from deep inside.
 
     Raises:
@@ -170,21 +171,22 @@ def check_input_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, flag: str) -> Path:
+def check_output_file(path: str | Path, param: str) -> Path:
     """Refuse, before any work, an output file path that cannot be written: an existing folder,
-    or a parent that is a file or not writable (one line naming ``flag`` and the path).
+    or a parent that is a file or not writable (one line naming ``param``, the API parameter that
+    named it (``"`out_path`"``; the CLI shows its flag), and the path).
 
     Raises:
         UserError: the problem, naming the path.
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: {flag} is a folder; give the path of a file")
-    _check_writable_ancestor(path.parent, flag, path)
+        raise UserError(f"{path}: {param} is a folder; give the path of a file")
+    _check_writable_ancestor(path.parent, param, path)
     return path
 
 
-def check_output_dir(path: str | Path, flag: str) -> Path:
+def check_output_dir(path: str | Path, param: str) -> Path:
     """Refuse, before any work, an output folder that cannot be written: an existing file, or a
     folder (or its nearest existing parent) that is not writable.
 
@@ -193,19 +195,19 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{path}: {flag} is a file, not a folder")
-    _check_writable_ancestor(path, flag, path)
+        raise UserError(f"{path}: {param} is a file, not a folder")
+    _check_writable_ancestor(path, param, path)
     return path
 
 
-def _check_writable_ancestor(folder: Path, flag: str, target: Path) -> None:
+def _check_writable_ancestor(folder: Path, param: str, target: Path) -> None:
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{target}: {flag} cannot be created: {existing} is a file")
+        raise UserError(f"{target}: {param} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{target}: {flag} cannot be written: {existing} is read-only")
+        raise UserError(f"{target}: {param} cannot be written: {existing} is read-only")
 
 
 class FolderBusyError(MachineError):
@@ -214,7 +216,7 @@ class FolderBusyError(MachineError):
 
 @contextlib.contextmanager
 def writer_lock(
-    folder: Path, name: str, flag: str, busy: str, error: type[UserError] = FolderBusyError
+    folder: Path, name: str, param: str, busy: str, error: type[UserError] = FolderBusyError
 ) -> Iterator[None]:
     """Hold the writer lock of ``folder`` (``flock`` on the file ``name`` in it) for the block.
 
@@ -226,7 +228,7 @@ def writer_lock(
     Args:
         folder: the folder to lock (created if missing).
         name: the lock file's name in it.
-        flag: the option that named the folder (``--cache``), for the error messages.
+        param: the API parameter that named the folder (``"`cache_dir`"``), for the messages.
         busy: the refusal after ``{folder}: ``, with ``{pid}`` where the holder's pid goes.
         error: the exception type of the refusal.
 
@@ -234,12 +236,12 @@ def writer_lock(
         UserError: the folder is a file or cannot be written.
         FolderBusyError: (or ``error``) another process holds the lock.
     """
-    check_output_dir(folder, flag)
+    check_output_dir(folder, param)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise UserError(f"{folder}: {flag} cannot be written ({exc.strerror})") from exc
+        raise UserError(f"{folder}: {param} cannot be written ({exc.strerror})") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

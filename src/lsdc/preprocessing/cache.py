@@ -266,11 +266,11 @@ def preprocess_split(
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"`workers` must be at least 1, got {workers}")
     if spacing is not None:
         spacing = [float(x) for x in spacing]
         if len(spacing) != 3 or not all(np.isfinite(x) and x > 0 for x in spacing):
-            raise UserError(f"--spacing needs three positive millimetre values, got {spacing}")
+            raise UserError(f"`spacing` needs three positive millimetre values, got {spacing}")
     series = load_series_descriptions(data_root / f"{split}_series_descriptions.csv")
     images = data_root / f"{split}_images"
     if not images.is_dir():
@@ -337,7 +337,7 @@ def cache_series(
         except MemoryError:
             raise MachineError(
                 f"{folder}: out of memory while reading this series (nothing recorded; rerun "
-                "with fewer --workers or on a machine with more memory)"
+                "with fewer `workers` or on a machine with more memory)"
             ) from None
         except Exception as exc:  # one series' surprise must not stop a 6,000-series run
             if is_machine_failure(exc):
@@ -426,11 +426,11 @@ def check_cache_settings(
         try:
             existing = read_json(path)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: unreadable ({exc}); use a new --cache folder") from exc
+            raise UserError(f"{path}: unreadable ({exc}); use a new `cache_dir` folder") from exc
         if existing != settings:
             raise UserError(
                 f"{path}: this cache was built with {existing}; this run asks for {settings}. "
-                "Use a new --cache folder."
+                "Use a new `cache_dir` folder."
             )
 
 
@@ -468,9 +468,11 @@ def cache_lock(cache_dir: Path) -> contextlib.AbstractContextManager[None]:
     """
     busy = (
         "another lsdc preprocess (pid {pid}) is writing this cache; "
-        "wait for it to end, or use another --cache"
+        "wait for it to end, or use another `cache_dir`"
     )
-    return writer_lock(cache_dir, CacheDir(cache_dir).lock_name, "--cache", busy, CacheBusyError)
+    return writer_lock(
+        cache_dir, CacheDir(cache_dir).lock_name, "`cache_dir`", busy, CacheBusyError
+    )
 
 
 def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str) -> None:
