@@ -654,7 +654,7 @@ def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     [
         (["--image-size", "8"], "--image-size must be >= 16"),
         (["--slices", "2"], "--slices must be >= 3"),
-        (["--oblique-rate", "1.5"], "oblique_rate must be within"),
+        (["--oblique-rate", "1.5"], "--oblique-rate must be within"),
         (["--train-studies", "0", "--test-studies", "0"], "nothing to write"),
     ],
 )
