@@ -60,11 +60,16 @@ ARCHITECTURES: dict[str, str] = {
     "swinunetr": "localizer",
     "resnet3d": "grader",
     "vit": "grader",
+    "timm": "both",
 }
 """Each architecture's two-stage role; its config is ``configs/{name}.yaml`` (basicunet, with the
-2D level_grader: the default ``two_stage_demo``)."""
+2D level_grader: the default ``two_stage_demo``; timm, both stages from timm's ResNet-10-T:
+``two_stage_timm_demo``)."""
 
-TWO_STAGE_CONFIGS = {name: name for name in ARCHITECTURES} | {"basicunet": "two_stage_demo"}
+TWO_STAGE_CONFIGS = {name: name for name in ARCHITECTURES} | {
+    "basicunet": "two_stage_demo",
+    "timm": "two_stage_timm_demo",
+}
 
 WHOLE_CONFIGS: dict[str, str | None] = {
     "basicunet": None,
@@ -73,6 +78,7 @@ WHOLE_CONFIGS: dict[str, str | None] = {
     "swinunetr": "whole_swinunetr",
     "resnet3d": "whole_baseline",
     "vit": "whole_vit",
+    "timm": None,
 }
 """Each architecture's whole-series baseline at the demo's size (basicunet has none)."""
 

@@ -142,7 +142,7 @@ def main() -> None:
     fig.suptitle(
         f"lsdc synth --phantom anatomical (seed {args.seed}), findings at L4/L5", fontsize=11
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_overrides import TINY_FOLD0
 
 from lsdc.checkpoint import load_checkpoint
 from lsdc.config import ConfigError, load_config
@@ -186,17 +187,6 @@ def test_one_key_chooses_the_architecture_in_its_two_stage_role(tmp_path: Path) 
         create_task(config, tmp_path, None)
 
 
-TINY_RUN = [
-    "data.volume_size=[16,32,32]",
-    "data.batch_size=2",
-    "task_params.crop_size=16",
-    "task_params.crop_slices=3",
-    "folds.n_folds=2",
-    "folds.fold=0",
-    "optim.ema_decay=0.5",
-]
-
-
 def _runs() -> list[tuple[str, str]]:
     """(localizer, grader) pairs covering every name of both roles, in as few runs as there
     are localizers."""
@@ -219,7 +209,7 @@ def test_architecture_trains_resumes_serves_and_exports_through_the_engine(
 
     run = tmp_path / "run"
     overrides = [
-        *TINY_RUN,
+        *TINY_FOLD0,
         f"task_params.localizer={{name: {localizer}, params: {TINY[localizer]}}}",
         f"model={{name: {grader}, params: {TINY[grader]}}}",
     ]

@@ -196,7 +196,7 @@ def test_reading_flags_unsure_grades_and_lists_findings(tmp_path) -> None:
 
 
 def test_check_descriptions_warns_where_the_csv_contradicts_the_headers(
-    synth_root, tmp_path, capsys
+    synth_root, tmp_path, caplog
 ) -> None:
     root = tmp_path / "root"
     shutil.copytree(synth_root, root, symlinks=True)
@@ -205,11 +205,12 @@ def test_check_descriptions_warns_where_the_csv_contradicts_the_headers(
     listed.loc[wrong, "series_description"] = "Sagittal T2/STIR"
     listed = listed.drop_duplicates(["study_id", "series_description"], keep="last")
     listed.to_csv(root / "test_series_descriptions.csv", index=False)
-    table = check_descriptions(root, "test")
+    with caplog.at_level("WARNING", logger="lsdc"):
+        table = check_descriptions(root, "test")
     assert (table["agrees"] == "no").sum() == 1
     row = table[table["agrees"] == "no"].iloc[0]
     assert (row["csv_description"], row["role"]) == ("Sagittal T2/STIR", "Sagittal T1")
-    err = capsys.readouterr().err
+    err = caplog.text
     folder = root / "test_images" / str(row["study_id"]) / str(row["series_id"])
     assert (
         f"{folder}: test_series_descriptions.csv says Sagittal T2/STIR; its headers say Sagittal T1"

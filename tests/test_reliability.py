@@ -144,7 +144,7 @@ def test_a_second_preprocess_refuses_a_busy_cache_and_the_cache_ends_correct(
 
 
 def test_a_rerun_redoes_the_entries_whose_files_do_not_match_their_record(
-    synth_root, synth_cache, tmp_path, capsys
+    synth_root, synth_cache, tmp_path, caplog
 ):
     cache = tmp_path / "cache"
     shutil.copytree(synth_cache, cache)
@@ -153,9 +153,10 @@ def test_a_rerun_redoes_the_entries_whose_files_do_not_match_their_record(
     truncated = entries[1] / "0.npy"
     truncated.write_bytes(truncated.read_bytes()[:-64])
     (entries[2] / "series.json").write_text("{")
-    preprocess_split(synth_root, cache, "train", progress=False)
+    with caplog.at_level("WARNING", logger="lsdc"):
+        preprocess_split(synth_root, cache, "train", progress=False)
     assert tree(cache) == tree(synth_cache)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert err.count("broken cache entry") == 3
     assert f"{entries[0]}: broken cache entry (0.npy missing)" in err
     assert "0.npy has" in err and "series.json unreadable" in err
@@ -492,14 +493,15 @@ def test_cli_refusal_is_one_line_and_the_fallback_is_counted_last(
     assert last == f"2 of 2 studies got the class prior; report: {tmp_path / 'predict_report.csv'}"
 
 
-def test_a_study_folder_in_neither_csv_gets_a_report_line(tiny_run, synth_root, tmp_path, capsys):
+def test_a_study_folder_in_neither_csv_gets_a_report_line(tiny_run, synth_root, tmp_path, caplog):
     root = tmp_path / "root"
     shutil.copytree(synth_root, root)
     listed = next((root / "test_images").iterdir())
     shutil.copytree(listed, root / "test_images" / "999999")
 
     out = tmp_path / "submission.csv"
-    result = predict_split(root, [tiny_run], out, progress=False)
+    with caplog.at_level("WARNING", logger="lsdc"):
+        result = predict_split(root, [tiny_run], out, progress=False)
     report = pd.read_csv(tmp_path / "predict_report.csv").set_index("study_id")
     assert report.loc[999999, "source"] == "not_listed"
     assert (
@@ -508,7 +510,7 @@ def test_a_study_folder_in_neither_csv_gets_a_report_line(tiny_run, synth_root, 
     )
     assert not result.submission["row_id"].str.startswith("999999_").any()
     assert report.drop(index=999999)["source"].str.startswith("model").all()
-    assert "999999: in neither" in capsys.readouterr().err
+    assert "999999: in neither" in caplog.text
 
 
 # ---------------------------------------------------------------------------------- path errors

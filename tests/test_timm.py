@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tiny_overrides import TINY_FOLD0
 
 from lsdc.config import load_config, without_initial_weights
 from lsdc.errors import UserError
@@ -102,13 +103,24 @@ def test_a_crop_too_small_for_the_network_is_refused_in_one_line() -> None:
         create_model("level_grader", "grader", backbone="timm:resnet_nope")
 
 
+def test_monai_resnet_sizes_beside_a_timm_backbone_are_refused_not_ignored() -> None:
+    """The base config's widths would otherwise sit in the resolved config doing nothing."""
+    overrides = ["model.params.backbone=timm:test_resnet"]
+    params = load_config("two_stage_demo", overrides).model.params
+    with pytest.raises(UserError, match=r"'model.params.widths' sizes the MONAI ResNet backbone"):
+        create_model("level_grader", "grader", crop_shape=(3, 32, 32), **params)
+    params |= {"widths": None, "layers": None}
+    grader = create_model("level_grader", "grader", crop_shape=(3, 32, 32), **params)
+    assert grader(torch.randn(1, 25, 3, 32, 32)).shape == (1, 25, 3)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_pretrained_file_loads_into_the_slice_encoder_through_a_config(tmp_path, suffix) -> None:
     path, state = _weights_file(tmp_path, "test_resnet", suffix)
     config = load_config(
         "two_stage_demo",
         [
-            "model.params={backbone: 'timm:test_resnet', pooling: gru}",
+            "model.params={backbone: 'timm:test_resnet', pooling: gru, widths: null, layers: null}",
             f"model.params.pretrained={path}",
         ],
     )
@@ -141,7 +153,7 @@ def test_pretrained_file_loads_into_the_25d_grader_and_the_localizer(tmp_path, s
 
 def test_a_wrong_pretrained_file_is_one_line_naming_key_file_and_shapes(tmp_path) -> None:
     path, state = _weights_file(tmp_path, "test_resnet", ".pth")
-    grader = ["model.params={backbone: 'timm:test_convnext'}"]
+    grader = ["model.params={backbone: 'timm:test_convnext', widths: null, layers: null}"]
 
     def build(*overrides: str):
         config = load_config("two_stage_demo", [*grader, *overrides])
@@ -158,7 +170,7 @@ def test_a_wrong_pretrained_file_is_one_line_naming_key_file_and_shapes(tmp_path
     )
     state["layer1.0.conv1.weight"] = torch.zeros(8, 8, 3, 3)
     torch.save(state, path)
-    grader[0] = "model.params={backbone: 'timm:test_resnet'}"
+    grader[0] = "model.params={backbone: 'timm:test_resnet', widths: null, layers: null}"
     with pytest.raises(
         UserError,
         match=r"tensor 'layer1.0.conv1.weight' has shape \(8, 8, 3, 3\) "
@@ -189,18 +201,6 @@ def test_the_slice_unet_gives_one_3d_heatmap_per_point_and_learns() -> None:
     assert (predicted[..., 0] - points[..., 0]).abs().mean() < 2.0  # the slice is learnt
 
 
-TIMM_RUN = [
-    "data.volume_size=[16,32,32]",
-    "data.batch_size=2",
-    "task_params.crop_size=16",
-    "task_params.crop_slices=3",
-    "folds.n_folds=2",
-    "folds.fold=0",
-    "optim.epochs=1",
-    "optim.ema_decay=0.5",
-]
-
-
 def test_a_pretrained_timm_run_serves_with_tta_and_exports_without_the_files(
     synth_root, synth_cache, synth_test_cache, tmp_path
 ) -> None:
@@ -212,8 +212,10 @@ def test_a_pretrained_timm_run_serves_with_tta_and_exports_without_the_files(
     localizer_file, _ = _weights_file(tmp_path, "test_resnet", ".pth")
     run = tmp_path / "run"
     overrides = [
-        *TIMM_RUN,
-        "model={name: level_grader, params: {backbone: 'timm:test_efficientnet', pooling: gru}}",
+        *TINY_FOLD0,
+        "optim.epochs=1",
+        "model={name: level_grader, params: {backbone: 'timm:test_efficientnet', pooling: gru,"
+        " widths: null, layers: null}}",
         f"model.params.pretrained={grader_file}",
         "task_params.localizer={name: timm_unet, params: {encoder_depth: 2, decoder_channels: [8, 8]}}",
         f"task_params.localizer.params.pretrained={localizer_file}",

@@ -36,7 +36,7 @@ def _backbone(model: torch.nn.Module) -> str:
     return next(name for name, module in model.named_modules() if isinstance(module, ResNet))
 
 
-def test_backbone_weights_are_loaded_and_the_rest_keeps_its_initialisation(tmp_path, capsys):
+def test_backbone_weights_are_loaded_and_the_rest_keeps_its_initialisation(tmp_path, caplog):
     torch.manual_seed(1)
     donor = _build()
     backbone = _backbone(donor)
@@ -48,7 +48,8 @@ def test_backbone_weights_are_loaded_and_the_rest_keeps_its_initialisation(tmp_p
     torch.manual_seed(0)
     plain = _build()
     torch.manual_seed(0)
-    model = _build(f"model.weights={path}", f"model.weights_module={backbone}")
+    with caplog.at_level("INFO", logger="lsdc"):
+        model = _build(f"model.weights={path}", f"model.weights_module={backbone}")
     loaded = model.state_dict()
     for name, tensor in plain.state_dict().items():
         if name.startswith(f"{backbone}."):
@@ -59,7 +60,7 @@ def test_backbone_weights_are_loaded_and_the_rest_keeps_its_initialisation(tmp_p
     assert not torch.equal(
         plain.get_submodule(backbone).state_dict()[first_conv], state[first_conv]
     )
-    log = capsys.readouterr().err
+    log = caplog.text
     assert f"loaded {len(state) - 1} tensors of {path} into level_grader.{backbone}" in log
     assert "skipped 1 the model lacks (fc.weight)" in log
 

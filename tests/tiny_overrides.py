@@ -11,3 +11,14 @@ TINY_TWO_STAGE = [
     "folds.n_folds=2",
 ]
 """Overrides that shrink ``two_stage_demo`` to seconds on ``synth_cache``."""
+
+TINY_FOLD0 = [
+    "data.volume_size=[16,32,32]",
+    "data.batch_size=2",
+    "task_params.crop_size=16",
+    "task_params.crop_slices=3",
+    "folds.n_folds=2",
+    "folds.fold=0",
+    "optim.ema_decay=0.5",
+]
+"""Fold 0 of 2 on the tiny grid and crops, the network left to the test (no epochs given)."""

@@ -9,14 +9,18 @@ never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from lsdc import api
 from lsdc.contract import N_LABELS, SPLITS
-from lsdc.errors import UserError
+from lsdc.errors import LsdcWarning, UserError
 from lsdc.utils import disk_error, usable_cpus
 
 _OVERRIDES_HELP = (
@@ -276,12 +280,12 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from lsdc.evaluation.report import print_summary
+    from lsdc.evaluation.report import summary_lines
 
     metrics = api.evaluate(
         args.pred, args.data, args.solution, args.run, args.out, args.cache, args.tta
     )
-    print_summary(metrics)
+    print("\n".join(summary_lines(metrics)))
     return 0
 
 
@@ -621,12 +625,100 @@ def _written_folder(args: argparse.Namespace) -> Path:
     return Path.cwd()
 
 
+PARAMETER_FLAGS: dict[str, str] = {
+    "data_root": "--data",
+    "dicom_dir": "--dicom",
+    "cache_dir": "--cache",
+    "out_dir": "--out",
+    "out_path": "--out",
+    "run_dir": "--run",
+    "run_dirs": "--run",
+    "predictions": "--pred",
+    "study_ids": "--study-id",
+    "study_id": "--study",
+    "tta_flip=True": "--tta flip",
+    "wheel=False": "--no-wheel",
+}
+"""The Python API's parameters -> the CLI's flags, where the flag is not the name with dashes
+(``allow_fallback`` -> ``--allow-fallback``, ``resume=True`` -> ``--resume``)."""
+
+_PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
+"""How library messages name a parameter: ```out_dir``` or ```out_dir=RUN```."""
+
+
+def as_flags(message: str) -> str:
+    """A library message naming the API's parameters, with the CLI's flags in their place."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        if f"{name}={value}" in PARAMETER_FLAGS:
+            return PARAMETER_FLAGS[f"{name}={value}"]
+        spelled = PARAMETER_FLAGS.get(name, "--" + name.replace("_", "-"))
+        return spelled if value in (None, "True") else f"{spelled} {value}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+class _StderrHandler(logging.Handler):
+    """lsdc's log records on stderr as the CLI has always written them: a warning as
+    ``lsdc VERB: warning: MESSAGE``, anything else as its bare line, above any progress bar."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__(logging.INFO)
+        self.verb = verb
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # tqdm.write: a running progress bar is redrawn below the line
+
+        try:
+            line = as_flags(record.getMessage())
+            if record.levelno >= logging.WARNING:
+                line = f"lsdc {self.verb}: warning: {line}"
+            tqdm.write(line, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's contract: emitting a record never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _library_output(verb: str) -> Iterator[None]:
+    """While a verb runs, show lsdc's ``logging`` records (INFO and up) and its
+    :class:`~lsdc.errors.LsdcWarning` s on stderr; other warnings keep Python's format. Undone
+    afterwards, so a Python caller of :func:`main` keeps its own logging setup."""
+    logger = logging.getLogger("lsdc")
+    handler = _StderrHandler(verb)
+    level, show = logger.level, warnings.showwarning
+
+    def show_warning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: object = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, LsdcWarning):
+            handler.handle(logging.makeLogRecord({"msg": str(message), "levelno": logging.WARNING}))
+        else:
+            show(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        return int(VERBS[args.verb][2](args) or 0)
+        with _library_output(args.verb):
+            return int(VERBS[args.verb][2](args) or 0)
     except UserError as exc:
-        print(f"lsdc {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"lsdc {args.verb}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as exc:  # a path the system refused (read-only, full disk)
         filename = getattr(exc, "filename", None)

@@ -96,7 +96,7 @@ def run_demo(
         UserError: ``out_dir`` exists and is not a previous demo folder (nothing is deleted then).
     """
     from lsdc import api
-    from lsdc.evaluation.report import REPORT_FILE, print_summary
+    from lsdc.evaluation.report import REPORT_FILE, summary_lines
     from lsdc.inference.predict import prior_submission
     from lsdc.preprocessing.cachedir import CacheDir
 
@@ -128,7 +128,7 @@ def run_demo(
 
     with _stage("evaluate: out-of-fold predictions; fit the calibration", clock):
         metrics = api.evaluate(run_dir=run, data_root=data, cache_dir=cache / "train")
-        print_summary(metrics)
+        print("\n".join(summary_lines(metrics)))
 
     with _stage("predict: the synthetic test split, as on Kaggle", clock) as artefact:
         result = api.predict(

@@ -95,10 +95,10 @@ def set_torch_threads(requested: int, loader_workers: int) -> int:
         try:
             torch.set_num_interop_threads(n)
         except RuntimeError:
-            log.info(
+            log.debug(
                 "torch inter-op threads stay %d (already in use)", torch.get_num_interop_threads()
             )
-    log.info(
+    log.debug(
         "torch threads: %d (usable CPUs %d, loader workers %d)", n, usable_cpus(), loader_workers
     )
     return n

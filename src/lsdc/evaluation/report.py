@@ -287,32 +287,32 @@ def calibrate_run(
     }
 
 
-def print_summary(metrics: dict[str, Any]) -> None:
-    """The score and its components on stdout, then where the report is."""
-    print(
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The score and its components, then where the report is: what ``lsdc evaluate`` prints."""
+    lines = [
         f"{metrics['predictions']}: {metrics['n_studies']} studies, {metrics['n_rows']} scored rows"
-    )
+    ]
     cal = metrics.get("calibration")
     if cal is None:
-        for key in SCORE_KEYS:
-            print(f"{key:>18s}  {metrics['official'][key]:.6f}")
+        lines += [f"{key:>18s}  {metrics['official'][key]:.6f}" for key in SCORE_KEYS]
     else:
-        print(f"{'':>18s}  {'before':>9s}  {'after':>9s}  {'in-sample':>9s}")
-        for key in SCORE_KEYS:
-            print(
-                f"{key:>18s}  {cal['before'][key]:9.6f}  {cal['after'][key]:9.6f}  "
-                f"{cal['after_in_sample'][key]:9.6f}"
-            )
-        print(
+        lines.append(f"{'':>18s}  {'before':>9s}  {'after':>9s}  {'in-sample':>9s}")
+        lines += [
+            f"{key:>18s}  {cal['before'][key]:9.6f}  {cal['after'][key]:9.6f}  "
+            f"{cal['after_in_sample'][key]:9.6f}"
+            for key in SCORE_KEYS
+        ]
+        lines.append(
             f"after: {cal['cross_fit']}; each row calibrated by temperatures fitted without it "
             f"(predictions {'with' if cal['tta_flip'] else 'without'} flip TTA)"
         )
         temps = ", ".join(f"{c}={t:.3f}" for c, t in cal["temperatures"].items())
-        print(f"temperatures (fitted on every row, served): {temps}")
-        print(f"calibration: {cal['path']}")
+        lines.append(f"temperatures (fitted on every row, served): {temps}")
+        lines.append(f"calibration: {cal['path']}")
     out_dir = Path(metrics["out_dir"])
-    print(f"report: {out_dir / REPORT_FILE}")
-    print(f"metrics: {out_dir / METRICS_FILE}")
+    lines.append(f"report: {out_dir / REPORT_FILE}")
+    lines.append(f"metrics: {out_dir / METRICS_FILE}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- HTML

@@ -25,10 +25,11 @@ between two series of one role by the lower id, they take the one acquired first
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from lsdc.contract import (
     study_row_ids,
     write_csv_atomic,
 )
-from lsdc.errors import UserError
+from lsdc.errors import LsdcWarning, UserError
 from lsdc.inference.predict import REPORT_NAME, PredictResult, check_run, predict_split
 from lsdc.inference.reading import StudyReading, series_read_lines, write_readings
 from lsdc.preprocessing.series_roles import (
@@ -63,6 +64,8 @@ from lsdc.preprocessing.series_roles import (
     series_row,
 )
 from lsdc.utils import check_input_dir, check_output_file
+
+log = logging.getLogger(__name__)
 
 ROLES_NAME = "series_roles.csv"
 """The role table, beside the submission."""
@@ -151,19 +154,23 @@ def _own_names(study_uids: Sequence[str], mapping: dict[str, str] | None) -> dic
             names[uid] = mapping[uid]
         else:
             if mapping is not None:
-                _warn(f"StudyInstanceUID {uid} is not in --study-id; its rows use the UID")
+                warnings.warn(
+                    f"StudyInstanceUID {uid} is not in `study_ids`; its rows use the UID",
+                    LsdcWarning,
+                    stacklevel=2,
+                )
             names[uid] = check_study_name(uid)
     if mapping is not None:
         for uid in sorted(set(mapping) - set(study_uids)):
-            _warn(f"--study-id names StudyInstanceUID {uid}, which the folder does not hold")
+            warnings.warn(
+                f"`study_ids` names StudyInstanceUID {uid}, which the folder does not hold",
+                LsdcWarning,
+                stacklevel=2,
+            )
     taken = pd.Series(list(names.values()))
     if taken.duplicated().any():
         raise UserError(f"study id {taken[taken.duplicated()].iloc[0]} names two studies")
     return names
-
-
-def _warn(message: str) -> None:
-    print(f"lsdc predict: warning: {message}", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------- layout
@@ -291,9 +298,9 @@ def predict_dicom(
     if not scan.images:
         raise UserError(f"{dicom_dir}: no DICOM image found ({scan.summary()})")
     if progress or any(scan.skipped.values()):
-        print(f"lsdc predict: {dicom_dir}: {scan.summary()}", file=sys.stderr)
+        log.info("%s: %s", dicom_dir, scan.summary())
     for problem in scan.problems:
-        _warn(problem)
+        log.warning(problem)
     series = group_series(scan.images)
     study_uids = list(dict.fromkeys(s.study_uid for s in series))
     names = _own_names(study_uids, mapping)
@@ -449,7 +456,7 @@ def check_descriptions(data_root: str | Path, split: str) -> pd.DataFrame:
         rows.append(row)
         if agrees == "no":
             said = info.reason if info.role == OTHER else f"{info.role} ({info.reason})"
-            _warn(
+            log.warning(
                 f"{folder}: {split}_series_descriptions.csv says {r.series_description}; "
                 f"its headers say {said}"
             )

@@ -20,9 +20,10 @@ prior fallback -> the file, in ``sample_submission.csv``'s row order when that f
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from lsdc.contract import (
     parse_row_id,
     write_csv_atomic,
 )
-from lsdc.errors import MachineError, UserError
+from lsdc.errors import LsdcWarning, MachineError, UserError
 from lsdc.evaluation.calibration import Calibration, load_calibration
 from lsdc.evaluation.metric import validate_submission
 from lsdc.rundir import RunDir
@@ -52,6 +53,8 @@ from lsdc.utils import check_input_dir, check_output_dir, check_output_file
 
 if TYPE_CHECKING:
     from lsdc.tasks.served import ServedRun
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "predict_report.csv"
 REPORT_COLUMNS = [
@@ -127,10 +130,6 @@ def check_run(run_dir: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------- studies
-def _warn(message: str) -> None:
-    print(f"lsdc predict: warning: {message}", file=sys.stderr)
-
-
 def list_studies(data_root: Path, split: str) -> tuple[list[str], pd.DataFrame]:
     """The row ids to write, in order, and the series table (possibly empty).
 
@@ -145,7 +144,7 @@ def list_studies(data_root: Path, split: str) -> tuple[list[str], pd.DataFrame]:
     try:
         series = load_series_descriptions(series_path)
     except UserError as exc:
-        _warn(f"{exc}; studies without it get the class prior")
+        log.warning(f"{exc}; studies without it get the class prior")
         series = pd.DataFrame(columns=["study_id", "series_id", "series_description"])
     ordered: list[str] = []
     sample_path = data_root / "sample_submission.csv"
@@ -153,7 +152,7 @@ def list_studies(data_root: Path, split: str) -> tuple[list[str], pd.DataFrame]:
         try:
             ordered = load_sample_submission(sample_path)["row_id"].tolist()
         except UserError as exc:
-            _warn(f"{exc}; row order follows {series_path.name}")
+            log.warning(f"{exc}; row order follows {series_path.name}")
     study_ids = list(
         dict.fromkeys([parse_row_id(r)[0] for r in ordered] + [int(s) for s in series["study_id"]])
     )
@@ -215,7 +214,7 @@ def _prior_row_notes(runs: Sequence[Path], status: pd.DataFrame) -> dict[int, st
         try:
             tasks[run.name] = task_class(load_config(RunDir(run).config).task)
         except UserError as exc:
-            _warn(f"{run}: cannot tell which rows its task answers with the prior ({exc})")
+            log.warning(f"{run}: cannot tell which rows its task answers with the prior ({exc})")
     notes = {}
     for sid, missing in zip(status["study_id"], status["missing_descriptions"], strict=True):
         present = set(SERIES_DESCRIPTIONS) - set(str(missing).split("; "))
@@ -252,7 +251,7 @@ def _run_predictions(
     try:
         out[:] = call(study_ids)
     except Exception as exc:  # noqa: BLE001 - a crash here would cost the whole submission
-        _warn(
+        log.warning(
             f"{run_dir}: batch prediction failed ({type(exc).__name__}: {exc}); retrying study by study"
         )
         for i, sid in enumerate(study_ids):
@@ -353,10 +352,12 @@ def predict_split(
     for run, cal in zip(runs, calibrations, strict=True):
         if cal is not None and bool(cal.info.get("tta_flip", False)) != tta_flip:
             fitted = "with" if cal.info.get("tta_flip") else "without"
-            _warn(
+            warnings.warn(
                 f"{RunDir(run).calibration}: fitted on predictions {fitted} flip TTA, applied "
                 f"here to predictions {'with' if tta_flip else 'without'}; refit it with lsdc "
-                "evaluate --run RUN --cache CACHE --tta as served"
+                "evaluate --run RUN --cache CACHE --tta as served",
+                LsdcWarning,
+                stacklevel=2,
             )
     for_all, device = _tool_problems(cache_dir, split, workers, device, allow_fallback)
     with tempfile.TemporaryDirectory(prefix="lsdc-predict-") as tmp:
@@ -435,7 +436,7 @@ def _refuse_or_fall_back(message: str, allow_fallback: bool) -> str:
     reason the studies concerned get the class prior)."""
     if not allow_fallback:
         raise UserError(f"{message} (--allow-fallback writes the class prior instead)")
-    _warn(f"{message}; --allow-fallback: the class prior instead")
+    log.warning(f"{message}; --allow-fallback: the class prior instead")
     return f"fallback: {message}"
 
 
@@ -496,16 +497,13 @@ def _preprocess(
             data_root, cache, split, workers=workers, study_ids=study_ids, progress=progress
         )
         if progress:
-            print(
-                f"preprocessed {len(study_ids)} studies in {time.perf_counter() - t0:.1f} s",
-                file=sys.stderr,
-            )
+            log.info("preprocessed %d studies in %.1f s", len(study_ids), time.perf_counter() - t0)
         return ""
     except MachineError as exc:  # the cache busy, a full disk: the tools, not the data
         return _refuse_or_fall_back(str(exc), allow_fallback)
     except UserError as exc:
         problem = f"preprocessing failed: {exc}"
-        _warn(problem)
+        log.warning(problem)
         return problem
     except Exception as exc:  # noqa: BLE001 - the tools failed, not the data
         return _refuse_or_fall_back(
@@ -537,7 +535,7 @@ def _unlisted_folders(data_root: Path, split: str, listed: set[int]) -> pd.DataF
         if sid not in listed
     ]
     for row in rows:
-        _warn(row["message"])
+        log.warning(row["message"])
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
 
 

@@ -37,6 +37,10 @@ LABEL_GROUP: np.ndarray = np.array(
 )
 """Scoring-group index of each of the 25 label columns (which head grades it)."""
 
+MONAI_RESNET_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
+MONAI_RESNET_LAYERS: tuple[int, ...] = (1, 1, 1, 1)
+"""The 2D MONAI ResNet slice encoder's default stage widths and blocks per stage."""
+
 LABEL_LEVEL: np.ndarray = np.array([i for _ in CONDITIONS for i in range(len(LEVELS))])
 """Level index of each of the 25 label columns."""
 
@@ -115,8 +119,9 @@ class SliceCropEncoder(nn.Module):
     ``(N, out_features)``.
 
     Args:
-        backbone: ``"monai_resnet"`` (a 2D MONAI ResNet of ``layers`` x ``widths``) or
-            ``"timm:<name>"`` (any timm 2D model, one input channel).
+        backbone: ``"monai_resnet"`` (a 2D MONAI ResNet of ``layers`` x ``widths``, None: the
+            defaults) or ``"timm:<name>"`` (any timm 2D model, one input channel; ``layers``
+            and ``widths`` must then be None, so no config value sits unused).
         pooling: ``"attention"`` or ``"gru"`` over slices.
         pretrained: a local weights file for the timm backbone (:mod:`lsdc.models.timm_backbones`).
     """
@@ -124,8 +129,8 @@ class SliceCropEncoder(nn.Module):
     def __init__(
         self,
         backbone: str,
-        layers: Sequence[int],
-        widths: Sequence[int],
+        layers: Sequence[int] | None,
+        widths: Sequence[int] | None,
         pooling: str,
         pretrained: str | None = None,
     ) -> None:
@@ -136,9 +141,10 @@ class SliceCropEncoder(nn.Module):
                     "config key 'model.params.pretrained' needs a timm backbone "
                     "(model.params.backbone: timm:<name>); a MONAI ResNet takes model.weights"
                 )
+            widths = tuple(widths or MONAI_RESNET_WIDTHS)
             self.net: nn.Module = ResNet(
                 block="basic",
-                layers=list(layers),
+                layers=list(layers or MONAI_RESNET_LAYERS),
                 block_inplanes=list(widths),
                 spatial_dims=2,
                 n_input_channels=1,
@@ -149,6 +155,12 @@ class SliceCropEncoder(nn.Module):
             )
             features = int(widths[-1])
         elif backbone.startswith(TIMM_PREFIX):
+            for key, value in (("widths", widths), ("layers", layers)):
+                if value is not None:
+                    raise UserError(
+                        f"config key 'model.params.{key}' sizes the MONAI ResNet backbone only; "
+                        f"{backbone} has its own sizes: set model.params.{key}=null"
+                    )
             self.net = timm_backbone(backbone, 1, pretrained)
             features = pooled_width(self.net)
         else:
@@ -267,14 +279,15 @@ def level_grader(
     crop_shape: Sequence[int] = (3, 16, 16),
     head: HeadMapping = None,
     backbone: str = "monai_resnet",
-    layers: Sequence[int] = (1, 1, 1, 1),
-    widths: Sequence[int] = (16, 32, 64, 128),
+    layers: Sequence[int] | None = None,
+    widths: Sequence[int] | None = None,
     pooling: str = "attention",
     pretrained: str | None = None,
 ) -> LevelGrader:
     """The default grader: a 2D network on every crop slice, pooled over slices
-    (:class:`SliceCropEncoder`): a MONAI ResNet of ``widths`` x ``layers``, or any timm model
-    (``backbone: timm:<name>``, initial weights from the local file ``pretrained``)."""
+    (:class:`SliceCropEncoder`): a MONAI ResNet of ``widths`` x ``layers`` (None: the defaults
+    ``MONAI_RESNET_WIDTHS`` x ``MONAI_RESNET_LAYERS``), or any timm model (``backbone:
+    timm:<name>``, initial weights from the local file ``pretrained``)."""
     encoder = SliceCropEncoder(backbone, layers, widths, pooling, pretrained)
     if backbone.startswith(TIMM_PREFIX):
         _check_crop_fits(encoder, backbone, crop_shape)

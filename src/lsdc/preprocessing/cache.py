@@ -17,9 +17,9 @@ lists these promises and the tests that hold them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -55,6 +55,8 @@ from lsdc.utils import (
     write_json_atomic,
     writer_lock,
 )
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
 """Version of the cache layout: 2 puts every stack in the canonical in-plane orientation and
@@ -564,8 +566,8 @@ def entry_problem(entry: Path) -> str | None:
 
 
 def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
-    """Delete every entry of ``series`` that :func:`entry_problem` finds broken (saying so on
-    stderr), so that this run writes it again."""
+    """Delete every entry of ``series`` that :func:`entry_problem` finds broken (logging a
+    warning), so that this run writes it again."""
     cache = CacheDir(cache_dir)
     for r in series.itertuples(index=False):
         entry = cache.entry(r.study_id, r.series_id)
@@ -573,10 +575,7 @@ def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
             continue
         problem = entry_problem(entry)
         if problem is not None:
-            print(
-                f"lsdc preprocess: warning: {entry}: broken cache entry ({problem}); redoing it",
-                file=sys.stderr,
-            )
+            log.warning("%s: broken cache entry (%s); redoing it", entry, problem)
             shutil.rmtree(entry)
 
 

@@ -30,6 +30,10 @@ N_TISSUES = NUCLEUS + N_DISCS
 
 VERTEBRAE = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
 """Bodies of the chain, superior first; discs sit between neighbours down to L5/S1."""
+SACRUM = VERTEBRAE.index("S1")
+"""Index of the first fused sacral segment."""
+SACRAL_TURN = (12.0, 16.0, 20.0)
+"""Kyphotic turn (deg) from each sacral segment to the next: the sacrum curves forward."""
 DISCS = ("T11/T12", "T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 # Per vertebra (VERTEBRAE order): mid height, wedge (deg, front taller > 0), depth, width (mm).
 _BODY = {
@@ -42,12 +46,13 @@ _DISC = {
     "T11/T12": (6.0, -3.0), "T12/L1": (8.0, 0.0), "L1/L2": (10.0, 4.0), "L2/L3": (12.0, 8.0),
     "L3/L4": (12.5, 12.0), "L4/L5": (14.0, 17.0), "L5/S1": (13.0, 32.0),
 }  # fmt: skip
-# Per vertebra T11..L5 (then S1): canal half-width, canal AP, pedicle half-width, transverse
+# Per vertebra T11..S3 (the sacral canal narrowing): canal half-width, canal AP, pedicle half-width, transverse
 # process length (mm).
 _POSTERIOR = {
     "T11": (9.0, 16.0, 3.0, 10), "T12": (10.0, 16.5, 3.5, 8), "L1": (11.0, 17.0, 4.0, 12),
     "L2": (11.5, 17.0, 4.5, 16), "L3": (12.0, 16.5, 5.0, 22), "L4": (12.5, 16.5, 6.0, 18),
-    "L5": (13.5, 16.0, 7.5, 14), "S1": (14.0, 15.0, 8.0, 0),
+    "L5": (13.5, 16.0, 7.5, 14), "S1": (14.0, 15.0, 8.0, 0), "S2": (11.0, 10.0, 6.0, 0),
+    "S3": (8.0, 7.0, 4.0, 0),
 }  # fmt: skip
 FACET_ANGLE = {"T12/L1": 20.0, "L1/L2": 25.0, "L2/L3": 30.0, "L3/L4": 38.0, "L4/L5": 45.0,
                "L5/S1": 50.0}  # fmt: skip
@@ -83,9 +88,18 @@ class Segment:
         return self.centre + np.array([u, 0.0, 0.0]) + a * self.posterior + w * self.superior
 
     def box(self, u: tuple, a: tuple, w: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """Patient-space bounding box of a local box (u, a, w ranges)."""
-        corners = np.array([self.to_patient(i, j, k) for i in u for j in a for k in w])
-        return corners.min(axis=0), corners.max(axis=0)
+        """Patient-space bounding box of a local box (u, a, w ranges): each patient axis is
+        linear in (u, a, w), so its extremes are the sums of its terms' extremes."""
+        c, s = np.cos(self.alpha), np.sin(self.alpha)
+        a_lo, a_hi = min(a), max(a)
+        w_lo, w_hi = min(w), max(w)
+        y = sorted((a_lo * c, a_hi * c))
+        y_w = sorted((-w_lo * s, -w_hi * s))
+        z = sorted((a_lo * s, a_hi * s))
+        z_w = sorted((w_lo * c, w_hi * c))
+        lower = self.centre + np.array([min(u), y[0] + y_w[0], z[0] + z_w[0]])
+        upper = self.centre + np.array([max(u), y[1] + y_w[1], z[1] + z_w[1]])
+        return lower, upper
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,7 @@ class Spine:
         centre: (3,) the L3/L4 disc centre.
         scale: the study's size factor.
         bodies / discs: the chain's segments (VERTEBRAE / DISCS order).
-        posterior: per vertebra T11..S1: canal half-width, canal AP, pedicle half-width,
+        posterior: per vertebra T11..S3: canal half-width, canal AP, pedicle half-width,
             transverse process length (already scaled).
         facet_angle: (6,) facet joint angles (radians) at T12/L1..L5/S1.
         severity: (25,) latent severities, LABEL_COLUMNS order.
@@ -106,6 +120,8 @@ class Spine:
         organs: (n, 7) bowel loops and kidneys: centre xyz, semi-axes xyz, code.
         deformation: (3, 7) elastic field: amplitude xyz, wave vector xyz, phase.
         marrow_fat: fat fraction of the vertebral marrow.
+        conus_z: height of the conus's tip.
+        paraspinal: semi-axes (u, a) of the multifidus and of the erector spinae (mm).
     """
 
     centre: np.ndarray
@@ -123,6 +139,7 @@ class Spine:
     deformation: np.ndarray
     marrow_fat: float
     conus_z: float
+    paraspinal: tuple[float, float, float, float]  # multifidus, erector spinae semi-axes (u, a)
     canal_knots: np.ndarray = field(repr=False)  # (k, 4): z, y, alpha, index along the chain
 
     # ------------------------------------------------------------------ geometry the plans use
@@ -255,8 +272,7 @@ def draw_spine(
         h *= scale * jitter[VERTEBRAE.index(name)]
         bodies[name], base, _ = make(name, base, beta, h, 0.0, depth * scale, width * scale,
                                      up=False)  # fmt: skip
-        base = base + 1.5 * _frame_angle(beta)[1] * -1  # a rudimentary disc between segments
-        beta = beta + np.deg2rad(12.0 + 4 * k)
+        beta = beta + np.deg2rad(SACRAL_TURN[k])
     base, beta = np.zeros(2), sacral_slope
     for d_name, v_name in zip(DISCS[::-1], VERTEBRAE[-4::-1], strict=True):
         h, angle = _DISC[d_name]
@@ -292,7 +308,7 @@ def draw_spine(
     ordered_bodies = [place(s) for s in ordered_bodies]
     ordered_discs = [place(s) for s in ordered_discs]
 
-    posterior = np.array([_POSTERIOR[n] for n in VERTEBRAE[:8]], dtype=np.float64)
+    posterior = np.array([_POSTERIOR[n] for n in VERTEBRAE], dtype=np.float64)
     posterior[:, :3] *= scale * rng.uniform(0.92, 1.08, (1, 3))
     posterior[:, 3] *= scale * rng.uniform(0.8, 1.2)
     facet = np.deg2rad([FACET_ANGLE[d] + rng.uniform(-6, 6) for d in DISCS[1:]])
@@ -300,7 +316,7 @@ def draw_spine(
     # Canal centre line: behind each body and disc, T11 to S3.
     knots = []
     for k, seg in enumerate(ordered_bodies):
-        ap = posterior[min(k, 7), 1]
+        ap = posterior[k, 1]
         p = seg.to_patient(0.0, seg.depth / 2 + ap / 2, 0.0)
         knots.append((p[2], p[1], seg.alpha, k))
     for k, seg in enumerate(ordered_discs):
@@ -334,6 +350,7 @@ def draw_spine(
         deformation=deformation,
         marrow_fat=float(np.clip(rng.lognormal(np.log(0.35), 0.4), 0.08, 0.8)),
         conus_z=float(conus_disc.centre[2] + rng.uniform(-25.0, 5.0)),
+        paraspinal=tuple(float(v) for v in rng.uniform(0.85, 1.15, 4) * (13.0, 16.0, 27.0, 18.0)),
         canal_knots=knots,
     )
 
@@ -412,75 +429,105 @@ def _canal_box(spine: Spine, half_u: float, a_range: tuple):
 
 
 def paint_trunk(canvas: Canvas, spine: Spine) -> None:
-    """Skin, subcutaneous fat, muscle wall, viscera, retroperitoneal fat, organs, vessels and
-    the paraspinal muscles: large smooth structures, painted on the middle sub-sample only and
-    copied to the others (they barely change over a slice's thickness). Each structure is
-    tested only on the points its neighbourhood (in canal coordinates) holds."""
+    """Skin, subcutaneous fat, the abdominal wall, viscera, retroperitoneal fat, organs, vessels
+    and the muscles beside and behind the spine: large smooth structures, painted on the middle
+    sub-sample only and copied to the others (they barely change over a slice's thickness).
+    Each structure is tested only on the points its neighbourhood (in canal coordinates)
+    holds."""
+    f32 = np.float32
     mid = canvas.shape[3] // 2
     full = (slice(None), slice(None), slice(None), slice(mid, mid + 1))
     table = profiles(spine)
     zi = _zindex(canvas, spine, full).reshape(-1)
     x, y, _ = (v.reshape(-1) for v in canvas.mid_points)
-    u = x - np.float32(spine.centre[0])
+    u = x - f32(spine.centre[0])
     ac = (y - table.canal_y[zi]) * table.canal_cos[zi]
     sc = spine.scale
     tx, ty = spine.trunk
     f = spine.fat
     codes = np.zeros(u.shape, dtype=np.uint8)
-    # Trunk ellipse in (u, a): its back at a = back.
-    a_t = ac - np.float32(spine.back - ty)
-    rho = (u * np.float32(1 / tx)) ** 2 + (a_t * np.float32(1 / ty)) ** 2
-    codes[rho <= 1.0] = SKIN
-    codes[rho <= (1 - 2.5 / ty) ** 2] = FAT
-    inner = (u * np.float32(1 / (tx - f))) ** 2 + (a_t * np.float32(1 / (ty - f * 0.8))) ** 2
-    codes[inner <= 1.0] = MUSCLE
-    wall = 10.0 * sc
-    cavity = (u * np.float32(1 / (tx - f - wall))) ** 2
-    cavity += (a_t * np.float32(1 / (ty - f - wall))) ** 2
-    codes[(cavity <= 1.0) & (ac < -10)] = VISCERA
+    # The outline in (u, a): round in front, flatter behind with the midline furrow between
+    # the erector spinae; r2 (r squared) = 1 at the skin.
+    a_t = ac - f32(spine.back - ty)
+    un = u * f32(1 / tx)
+    un2 = un * un
+    an_ = a_t * f32(1 / ty)
+    r2 = un2 + an_ * an_  # r squared: an ellipse in front
+    behind = np.flatnonzero(a_t > 0)  # a squircle behind, with the furrow
+    groove = f32(4.0 * sc / ty) / (1 + (u[behind] * f32(1 / (16.0 * sc))) ** 2) ** 2
+    an2 = (an_[behind] + groove) ** 2
+    r2[behind] = np.sqrt(un2[behind] ** 2 + an2 * an2)
+    codes[r2 <= 1.0] = SKIN
+    codes[r2 <= (1 - 2.5 / ty) ** 2] = FAT
+    r_wall = 1 - f / ty
+    wall = 10.0 * sc / ty
+    # The peritoneal cavity's back wall: in front of the great vessels in the midline, curving
+    # back in front of the psoas and quadratus lumborum to the flanks.
+    lumbar_depth = np.mean([b.depth for b in spine.bodies[2:7]])
+    body_a = -(lumbar_depth / 2 + 8.5 * sc)  # as Profiles.body_a, its lumbar mean
+    divide = f32(body_a - 26 * sc) + f32(37 * sc) * (u * f32(1 / (62.0 * sc))) ** 2
+    au = np.abs(u)
+    in_cavity = r2 <= (r_wall - wall) ** 2
+    # Behind the transverse processes (and the quadratus lumborum's front, curving forward
+    # laterally) the back's muscles fill the fascia down to the flanks; fat planes part them
+    # below. In front of that line: the retroperitoneal fat.
+    back_front = f32(-4 * sc) - f32(25 * sc) * (u * f32(1 / (70.0 * sc))) ** 2
+    codes[(r2 <= r_wall**2) & (ac > back_front)] = MUSCLE
+    codes[(r2 <= r_wall**2) & ~in_cavity & (ac < f32(8 * sc))] = MUSCLE
+    codes[in_cavity & (ac < divide)] = VISCERA
 
     def subset(mask: np.ndarray):
         index = np.flatnonzero(mask)
         return index, u[index], ac[index], zi[index], codes[index]
 
-    # Near the spine: retroperitoneal fat, psoas, quadratus lumborum, aorta and cava.
-    index, su, sa, szi, sub = subset((ac < 20 * sc) & (ac > -110 * sc) & (np.abs(u) < 110 * sc))
+    # Near the spine: psoas, quadratus lumborum, aorta and cava in the retroperitoneal fat.
+    index, su, sa, szi, sub = subset((ac < 10 * sc) & (ac > -75 * sc) & (au < 90 * sc))
     half_w, body_a, psoas_r = table.body_hw[szi], table.body_a[szi], table.psoas_r[szi]
-    retro = (su / (half_w + np.float32(25 * sc))) ** 2
-    retro += ((sa - body_a + np.float32(4 * sc)) / np.float32(20 * sc)) ** 2
-    sub[(retro <= 1.0) & (sub == VISCERA)] = FAT
+    psoas_u = half_w + psoas_r * f32(0.55) + table.psoas_drift[szi]
     l5_z = spine.bodies[6].centre[2]
     above_l5 = table_z(table, szi) > l5_z
     for side in (-1.0, 1.0):
-        s32 = np.float32(side)
-        pu = su - s32 * (half_w + psoas_r * np.float32(0.55))
-        pa = sa - (body_a + np.float32(3.0 * sc))
-        psoas = (pu / (psoas_r * np.float32(0.9) + 1)) ** 2 + (
-            pa / (psoas_r * np.float32(0.75) + 1)
-        ) ** 2
-        sub[(psoas <= 1.3) & (sub != SKIN)] = FAT
+        s32 = f32(side)
+        pu = su - s32 * psoas_u
+        pa = sa - (body_a + f32(3.0 * sc))
+        psoas = (pu / (psoas_r * f32(0.9) + 1)) ** 2 + (pa / (psoas_r * f32(0.75) + 1)) ** 2
+        sub[(psoas <= 1.12) & (sub != SKIN)] = FAT
         sub[psoas <= 1.0] = MUSCLE
-        ql = ((su - s32 * (half_w + np.float32(38 * sc))) / np.float32(17 * sc)) ** 2
-        ql += ((sa + np.float32(4 * sc)) / np.float32(8 * sc)) ** 2
+        ql = ((su - s32 * (half_w + f32(38 * sc))) / f32(17 * sc)) ** 2
+        ql += ((sa + f32(4 * sc)) / f32(8 * sc)) ** 2
         sub[(ql <= 1.0) & above_l5 & (sub == FAT)] = MUSCLE
     aorta_split = spine.bodies[5].centre[2]  # L4
     split = table_z(table, szi) < aorta_split
     for side, radius, flat in ((1.0, 9.0, 1.0), (-1.0, 10.0, 0.65)):
-        vu = np.where(split, np.abs(su) - np.float32(18 * sc), su - np.float32(side * 14 * sc))
-        va = sa - (body_a - np.float32(radius * sc + 4))
-        r = np.where(split, np.float32(0.6 * radius * sc), np.float32(radius * sc))
-        vessel = (vu / r) ** 2 + (va / (r * np.float32(flat))) ** 2 <= 1.0
+        vu = np.where(split, np.abs(su) - f32(18 * sc), su - f32(side * 14 * sc))
+        va = sa - (body_a - f32(radius * sc + 4))
+        rad = np.where(split, f32(0.6 * radius * sc), f32(radius * sc))
+        vessel = (vu / rad) ** 2 + (va / (rad * f32(flat))) ** 2 <= 1.0
         sub[vessel & (sub != MUSCLE)] = VESSEL
     codes[index] = sub
-    # Behind the canal: multifidus and the erector spinae with a thin fat septum between
-    # them, and the thoracolumbar fascia's fat plane at their lateral edge.
-    index, su, sa, _, sub = subset((ac > 0) & (codes == MUSCLE))
+    # Behind the spine: the multifidus in the laminar gutter beside the spinous processes and
+    # the erector spinae lateral to it (longissimus and iliocostalis), each wrapped in a thin
+    # fat plane; their sizes vary per study, not with any label.
+    mf_u, es_u = f32(spine.paraspinal[0] * sc), f32(spine.paraspinal[2] * sc)
+    back = f32(spine.back - f - 2.0)  # the thoracolumbar fascia, under the subcutaneous fat
+    mf_a = (back - f32(6 * sc)) * f32(0.5 * spine.paraspinal[1] / 16.0)
+    es_a = (back + f32(4 * sc)) * f32(0.5 * spine.paraspinal[3] / 18.0)
+    es_c = f32(1.6) * mf_u - f32(0.5 * sc) + es_u  # the erector spinae's centre, |u|
+    reach = (ac > back - 2.2 * es_a) & (ac < back + 2) & (au < es_c + 1.1 * es_u)
+    index, su, sa, _, sub = subset(reach & (codes == MUSCLE))
     au = np.abs(su)
-    septum = np.abs(au - np.float32(20.0 * sc) - np.float32(0.25) * (sa - np.float32(10.0 * sc)))
-    back_muscle = (sa > 12.0 * sc) & (sa < np.float32(spine.back - f - 4))
-    sub[(septum < 0.9) & back_muscle] = FAT
-    fascia = np.abs(au - np.float32(62.0 * sc) + np.float32(0.3) * (sa - np.float32(10.0 * sc)))
-    sub[fascia < 1.2] = FAT
+    along_es = (sa - back + es_a) * (1 / es_a)
+    lateral = (au - es_c) * (1 / es_u)
+    es = lateral * lateral + along_es * along_es
+    sub[(es > 1.0) & (es <= 1.05) & (along_es < 0.6)] = FAT  # not where it meets the fascia
+    split_es = np.abs(lateral + f32(0.1) - f32(0.25) * along_es + f32(0.2) * along_es**2)
+    sub[(es <= 0.9) & (split_es * es_u < 0.7)] = FAT
+    # The multifidi meet in the midline, where the spinous processes and the interspinous
+    # ligaments part them.
+    along_mf = (sa - back + mf_a) * (1 / mf_a)
+    mf = ((au + f32(1.0) - mf_u) * (1 / mf_u)) ** 2 + along_mf * along_mf
+    sub[(mf > 1.0) & (mf <= 1.07) & (au > 3.0 * sc) & (along_mf < 0.6)] = FAT
+    sub[mf <= 1.0] = MUSCLE
     codes[index] = sub
     plane = codes.reshape(canvas.shape[:3])
     for row in spine.organs:
@@ -489,11 +536,12 @@ def paint_trunk(canvas: Canvas, spine: Spine) -> None:
         if box is None:
             continue
         ox, oy, oz = (p[box[:3]] for p in canvas.mid_points)
-        inside = ((ox - np.float32(c[0])) / np.float32(semi[0])) ** 2
-        inside += ((oy - np.float32(c[1])) / np.float32(semi[1])) ** 2
-        inside += ((oz - np.float32(c[2])) / np.float32(semi[2])) ** 2
+        inside = ((ox - f32(c[0])) / f32(semi[0])) ** 2
+        inside += ((oy - f32(c[1])) / f32(semi[1])) ** 2
+        inside += ((oz - f32(c[2])) / f32(semi[2])) ** 2
         part = plane[box[:3]]
-        part[(inside <= 1.0) & (part == VISCERA)] = code
+        room = (part == VISCERA) | ((part == FAT) & (code == KIDNEY))
+        part[(inside <= 1.0) & room] = code
     canvas.codes[...] = plane[..., None]  # the middle sub-sample's codes for all
 
 
@@ -518,6 +566,7 @@ class Profiles:
     body_hw: np.ndarray
     body_a: np.ndarray
     psoas_r: np.ndarray
+    psoas_drift: np.ndarray  # lateral offset below S1 (toward the pelvic brim)
     narrow: np.ndarray
     clump: np.ndarray
     roots: list  # (side, un, an, below_conus & present) per root
@@ -534,8 +583,8 @@ def profiles(spine: Spine) -> Profiles:
     z0 = float(zk[0] - 150.0)
     z = np.arange(z0, zk[-1] + 150.0, Z_STEP)
     chain = knots[:, 3]
-    hw = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 0]))
-    ha = np.interp(z, zk, np.interp(chain, np.arange(8), spine.posterior[:, 1]) / 2)
+    hw = np.interp(z, zk, np.interp(chain, np.arange(len(VERTEBRAE)), spine.posterior[:, 0]))
+    ha = np.interp(z, zk, np.interp(chain, np.arange(len(VERTEBRAE)), spine.posterior[:, 1]) / 2)
     zs = np.array([b.centre[2] for b in spine.bodies])
     order = np.argsort(zs)
     widths = np.array([b.width for b in spine.bodies])[order]
@@ -574,6 +623,7 @@ def profiles(spine: Spine) -> Profiles:
         body_hw=np.interp(z, zs[order], widths / 2).astype(f32),
         body_a=-np.interp(z, zs[order], depths / 2 + 8.5 * sc).astype(f32),
         psoas_r=((5.0 + 17.0 * grow) * sc).astype(f32),
+        psoas_drift=np.clip((spine.bodies[SACRUM].centre[2] - z) * 0.8, 0, 50).astype(f32),
         narrow=narrow.astype(f32),
         clump=clump.astype(f32),
         roots=[(a.astype(f32), b.astype(f32), c) for a, b, c in roots],
@@ -664,9 +714,8 @@ def paint_spine(canvas: Canvas, spine: Spine) -> None:
     for d, disc in enumerate(spine.discs):
         _paint_disc(canvas, spine, d, disc)
     for k, body in enumerate(spine.bodies):
-        _paint_body(canvas, body, sacral=k >= 7)
-        if k < 8:
-            _paint_posterior_elements(canvas, spine, k, body)
+        _paint_body(canvas, spine, k)
+        _paint_posterior_elements(canvas, spine, k, body)
     for d in range(1, N_DISCS + 1):
         for side in (-1.0, 1.0):
             _paint_facet(canvas, spine, d, side)
@@ -689,20 +738,31 @@ BODY_CORNER = 8
 endplates (q = -1..1 over its height), a rounded corner of about 2 mm."""
 
 
-def _body_mask(u, a, w, hw, dd, top, bottom, cave, waist, indent, inset=0.0, inset_w=0.0):
+def _body_mask(
+    u, a, w, hw, dd, top, bottom, caves, waist, indent, inset=0.0, inset_w=0.0,
+    taper=0.0, rounded=(True, True),
+):  # fmt: skip
     """A vertebral body in its own frame: the bean footprint, concave walls (``waist``: front,
-    back, side, shares of the half-sizes lost at mid-height), endplates dipping ``cave`` mm at
-    the centre, and a rounded rim; ``inset`` / ``inset_w`` shrink it (the marrow inside the
-    cortex)."""
+    back, side, shares of the half-sizes lost at mid-height), endplates dipping ``caves`` (top,
+    bottom) mm at the centre, and a rim rounded at the ends ``rounded`` says; ``taper``: share
+    of the half-sizes lost from top to bottom (a sacral segment); ``inset`` / ``inset_w``
+    shrink it (the marrow inside the cortex)."""
     f32 = np.float32
-    rim = np.minimum((u / f32(hw)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
-    dip = f32(cave) * (1 - rim)
-    hi, lo = top - dip - f32(inset_w), bottom + dip + f32(inset_w)
+    rim = 1 - np.minimum((u / f32(hw)) ** 2 + (a / f32(dd)) ** 2, f32(1.0))
+    hi = top - f32(caves[0]) * rim - f32(inset_w)
+    lo = bottom + f32(caves[1]) * rim + f32(inset_w)
     mid, half = (hi + lo) * f32(0.5), np.maximum((hi - lo) * f32(0.5), f32(0.1))
-    q = np.minimum(np.abs(w - mid) / half, f32(1.0))
+    rel = (w - mid) / half
+    q = np.minimum(np.abs(rel), f32(1.0))
     pinch = 1 - q * q
     q4 = q * q * q * q
     round_ = (1 - q4 * q4) ** f32(1 / BODY_CORNER)
+    if not rounded[0]:
+        round_ = np.where(rel > 0, f32(1.0), round_)
+    if not rounded[1]:
+        round_ = np.where(rel < 0, f32(1.0), round_)
+    if taper:
+        round_ = round_ * (1 - f32(taper / 2) * (1 - np.clip(rel, -1, 1)))
     front = (f32(dd) * (1 - f32(waist[0]) * pinch) - f32(inset)) * round_
     back = (f32(dd) * (1 - f32(waist[1]) * pinch) - f32(inset)) * round_
     side = (f32(hw) * (1 - f32(waist[2]) * pinch) - f32(inset)) * round_
@@ -717,23 +777,37 @@ BODY_WAIST = (0.14, 0.05, 0.06)
 anterior wall of a lumbar body in profile, gentler behind and at the sides."""
 
 
-def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
+def _paint_body(canvas: Canvas, spine: Spine, k: int) -> None:
     """A vertebral body: a bean-shaped footprint (concave behind), waisted walls, endplates
     dipping toward the centre, a rounded rim, a thin cortex around marrow, and the
-    basivertebral vein's notch in the posterior wall."""
+    basivertebral vein's notch in the posterior wall. The sacral segments S1-S3 are fused:
+    each tapers to the next, flat and unrounded where they meet (the cortex of both draws
+    the remnant disc's thin dark line there), S1 with its alae."""
+    body = spine.bodies[k]
+    sacral = k >= SACRUM
     h, dd, ww = body.height, body.depth / 2, body.width / 2
-    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 1, h / 2 + 1))
+    picked = _select(canvas, body, (-ww, ww), (-dd, dd), (-h / 2 - 1 - 0.4 * dd, h / 2 + 1))
     if picked is None:
         return
     box, index, u, a, w = picked
     t = np.float32(np.tan(body.wedge / 2))
     top = np.float32(h / 2) - a * t
     bottom = -np.float32(h / 2) + a * t
-    cave = ENDPLATE_DIP * h
-    waist = (0.04, 0.02, 0.03) if sacral else BODY_WAIST
+    dip = ENDPLATE_DIP * h
     indent = 0.14 * dd
-    inside = _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent)
-    marrow = inside & _body_mask(u, a, w, ww, dd, top, bottom, cave, waist, indent, 1.5, 0.9)
+    if sacral and k + 1 < len(spine.bodies):  # reach down in front to the next, turned segment
+        bottom = bottom - np.maximum(-a, 0) * np.float32(
+            np.tan(np.deg2rad(SACRAL_TURN[k - SACRUM]))
+        )
+    if sacral:
+        below = spine.bodies[k + 1].depth / body.depth if k + 1 < len(spine.bodies) else 0.7
+        shape = dict(caves=(dip if k == SACRUM else 0.0, 0.0), waist=(0.04, 0.02, 0.03),
+                     taper=1 - below, rounded=(k == SACRUM, k == len(spine.bodies) - 1))  # fmt: skip
+    else:
+        shape = dict(caves=(dip, dip), waist=BODY_WAIST)
+    inside = _body_mask(u, a, w, ww, dd, top, bottom, indent=indent, **shape)
+    marrow = inside & _body_mask(u, a, w, ww, dd, top, bottom, indent=indent, inset=1.5,
+                                 inset_w=0.9, **shape)  # fmt: skip
     codes = np.zeros(u.shape, dtype=np.uint8)
     codes[inside] = CORTEX
     codes[marrow] = MARROW
@@ -741,6 +815,38 @@ def _paint_body(canvas: Canvas, body: Segment, sacral: bool) -> None:
         notch = (np.abs(w) < 2.2 - 0.4 * (a - dd * 0.86 + 4.5)) & (np.abs(u) < 3.0)
         notch &= (a > dd * 0.86 - 4.5) & inside
         codes[notch] = FAT
+    canvas.write(box, index, codes)
+    if sacral:
+        _paint_ala(canvas, spine, k)
+
+
+def _paint_ala(canvas: Canvas, spine: Spine, k: int) -> None:
+    """The lateral masses of a sacral segment (the alae at S1), fused with its body: marrow
+    continuous with the body's, a cortex on their outer surfaces only."""
+    body = spine.bodies[k]
+    sc = spine.scale
+    f32 = np.float32
+    h, dd, ww = body.height, body.depth / 2, body.width / 2
+    canal_hw, canal_ap = spine.posterior[SACRUM, :2]
+    reach = ww + (28.0, 20.0, 10.0)[k - SACRUM] * sc
+    inner_u = 0.7 * ww
+    a0, a1 = -0.4 * dd, dd + 0.75 * canal_ap
+    w0, w1 = -h / 2, h / 2 - 5.0 * sc
+    picked = _select(canvas, body, (-reach, reach), (a0, a1), (w0, w1))
+    if picked is None:
+        return
+    box, index, u, a, w = picked
+    au = np.abs(u)
+    qa = (a - f32((a0 + a1) / 2)) / f32((a1 - a0) / 2)
+    qw = (w - f32((w0 + w1) / 2)) / f32((w1 - w0) / 2)
+    qu = np.maximum(au - f32(inner_u), 0) / f32(reach - inner_u)
+    rho = qu**4 + qa**4 + qw**4
+    rim_u, rim_a, rim_w = (1.3 / (reach - inner_u), 2.6 / (a1 - a0), 2.6 / (w1 - w0))
+    qi = (np.maximum(qu - f32(rim_u), 0), qa / f32(1 - rim_a), qw / f32(1 - rim_w))
+    marrow = qi[0] ** 4 + qi[1] ** 4 + qi[2] ** 4 <= 1
+    codes = np.zeros(u.shape, dtype=np.uint8)
+    codes[(rho <= 1) & (au > ww - 1)] = CORTEX
+    codes[(rho <= 1) & marrow & (au > canal_hw + 1)] = MARROW
     canvas.write(box, index, codes)
 
 
@@ -784,75 +890,114 @@ def _paint_disc(canvas: Canvas, spine: Spine, d: int, disc: Segment) -> None:
 
 
 def _paint_posterior_elements(canvas: Canvas, spine: Spine, k: int, body: Segment) -> None:
-    """Pedicles, transverse processes, laminae and the spinous process of vertebra ``k``."""
+    """Pedicles, transverse processes, laminae, the spinous process and the interspinous
+    ligament of vertebra ``k``: solid bone (a cortex around marrow). Each part is tested on
+    the points of its own box only. Below S1 the sacral canal narrows, its roof the fused
+    laminae and the median sacral crest's short tubercles (the alae stand for the pedicles)."""
     sc = spine.scale
+    f32 = np.float32
     canal_hw, canal_ap, ped_hw, tp_len = spine.posterior[k]
     h, dd = body.height, body.depth / 2
     ped_hh = 6.5 * sc
     wp = h / 2 - 8.0 * sc
     ped_u = canal_hw + ped_hw - 1.0
+    rim = f32(1.3 * sc)
+    lam_t = 5.5 * sc
+    sp_len = (28.0 if k < SACRUM else 16.0 if k == SACRUM else 10.0) * sc
+    roof = dd + canal_ap  # the canal's roof in the midline
+
+    def paint(u_lim: tuple, a_lim: tuple, w_lim: tuple, shapes) -> None:
+        picked = _select(canvas, body, u_lim, a_lim, w_lim)
+        if picked is None:
+            return
+        box, index, u, a, w = picked
+        codes = np.zeros(u.shape, dtype=np.uint8)
+
+        def bone(outer: np.ndarray, inner: np.ndarray) -> None:
+            codes[outer] = CORTEX
+            codes[outer & inner] = MARROW
+
+        shapes(np.abs(u), a, w, codes, bone)
+        canvas.write(box, index, codes)
+
+    def pedicles(au, a, w, codes, bone) -> None:
+        # Thick bars from the body's back into the articular pillar, rounded behind.
+        ped_a0, ped_a1 = dd - 4, dd + 0.8 * canal_ap
+        pa = (a - f32((ped_a0 + ped_a1) / 2)) / f32((ped_a1 - ped_a0) / 2)
+        pa8 = pa**8
+        du, dw = au - f32(ped_u), w - f32(wp)
+        rho = (du / f32(ped_hw)) ** 2 + (dw / f32(ped_hh)) ** 2 + pa8
+        rho_in = (du / f32(ped_hw - 1.3 * sc)) ** 2 + (dw / f32(ped_hh - 1.3 * sc)) ** 2
+        bone(rho <= 1, (rho_in + pa8 * f32(1.3) <= 1))
+        if tp_len > 0:  # transverse processes: outward from the pedicle, tapering
+            ta = (a - f32(dd + 0.6 * canal_ap)) / f32(3.8 * sc)
+            tw = (w - f32(wp)) / f32(5.5 * sc)
+            tu = (au > ped_u) & (au < ped_u + ped_hw + tp_len)
+            tip = 1 - 0.45 * np.clip((au - f32(ped_u + ped_hw)) / f32(tp_len), 0, 1)
+            r = ta * ta + (tw / tip) ** 2
+            bone((r <= 1) & tu, (r <= 0.45) & (au < ped_u + ped_hw + tp_len - 1.3))
+
     reach_u = ped_u + ped_hw + tp_len + 2
-    a_back = dd + canal_ap + 35 * sc
-    picked = _select(canvas, body, (-reach_u, reach_u), (dd - 5, a_back), (-h / 2 - 14, h / 2 + 4))
-    if picked is None:
-        return
-    box, index, u, a, w = picked
-    au = np.abs(u)
-    codes = np.zeros(u.shape, dtype=np.uint8)
+    if k <= SACRUM:
+        paint((-reach_u, reach_u), (dd - 5, dd + 0.8 * canal_ap + 4), (wp - 7, wp + 7), pedicles)
 
-    def bone(mask_outer, mask_inner):
-        codes[mask_outer] = CORTEX
-        codes[mask_inner] = MARROW
+    w_lo = -h / 2 - 10 * sc
+    lam_u = canal_hw + ped_hw + 1
 
-    # Pedicles: elliptic cylinders along a, from the body's back to the articular pillar.
-    pu = (au - np.float32(ped_u)) / np.float32(ped_hw)
-    pw = (w - np.float32(wp)) / np.float32(ped_hh)
-    along = (a > dd - 4) & (a < dd + 12 * sc)
-    rho = pu * pu + pw * pw
-    bone((rho <= 1) & along, (rho <= 0.55) & along)
-    # Transverse processes.
-    if tp_len > 0:
-        ta = (a - np.float32(dd + 9 * sc)) / np.float32(3.5 * sc)
-        tw = (w - np.float32(wp)) / np.float32(5.0 * sc)
-        tu = (au > ped_u) & (au < ped_u + ped_hw + tp_len)
-        tip = 1 - 0.5 * np.clip((au - np.float32(ped_u + ped_hw)) / np.float32(tp_len), 0, 1)
-        r = ta * ta + (tw / tip) ** 2
-        bone((r <= 1) & tu, (r <= 0.4) & tu)
-    # Laminae: a roof behind the canal, from the pedicles' level down over the disc below.
-    a_roof = (
-        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
-    )
-    lam_t = np.float32(5.0 * sc)
-    slope = (np.float32(wp) - w) * np.float32(0.25)
-    la = a - a_roof - slope
-    lam = (
-        (la >= 0)
-        & (la <= lam_t)
-        & (au <= canal_hw + ped_hw)
-        & (w <= wp + 4)
-        & (w >= -h / 2 - 9 * sc)
-    )
-    bone(lam, lam & (la > 1.3) & (la < lam_t - 1.3))
-    # Spinous process: a plate sloping down and back from the laminae's junction.
-    sa = a - a_roof - lam_t + np.float32(1.0)
-    length = np.float32(28.0 * sc)
-    centre_w = np.float32(-h / 2 + 5 * sc) - np.float32(0.3) * sa
-    half_h = np.float32(9.0 * sc) - np.float32(0.1) * sa
-    sp = (sa >= 0) & (sa <= length) & (au <= 3.0 * sc) & (np.abs(w - centre_w) <= half_h)
-    bone(sp, sp & (au <= 1.5 * sc) & (np.abs(w - centre_w) <= half_h - 1.4) & (sa < length - 1.4))
-    canvas.write(box, index, codes)
+    def laminae(au, a, w, codes, bone) -> None:
+        # A thick roof behind the canal, sloping down and back from the pedicles' level over
+        # the disc below (shingles on a parasagittal image); the spinous process holds the
+        # midline.
+        a_roof = f32(roof) - f32(0.35 * canal_ap) * (au / f32(canal_hw)) ** 2
+        la = a - a_roof - (f32(wp) - w) * f32(0.3)
+        zone = (au >= 2.5 * sc) & (la >= 0) & (la <= f32(lam_t))
+        inner = (la >= rim) & (la <= f32(lam_t) - rim) & (w <= wp + 5 - rim) & (w >= w_lo + rim)
+        bone(zone, inner)
+
+    lam_back = roof + 0.3 * (wp - w_lo) + lam_t + 1
+    paint((-lam_u, lam_u), (dd + 0.1 * canal_ap, lam_back), (w_lo, wp + 5), laminae)
+
+    full = sp_len + lam_t
+    half_u_tip = 4.8 * sc
+
+    def spinous(au, a, w, codes, bone) -> None:
+        # The interspinous ligament: a midline sheet down to the next process (bone paints
+        # over it); then the process, a paddle from the canal's roof (the laminae's junction)
+        # down and back, tall at its base, rounded at its tip, a little thicker there.
+        sa = a - f32(roof + lam_t - 1.5)
+        s_all = np.clip(sa / f32(sp_len), 0, 1)
+        below = f32(-h / 2 - 6 * sc) - f32(0.28) * sa + f32(2.5 * sc) * s_all
+        codes[(au <= 0.8) & (sa > 0) & (sa < 0.9 * sp_len) & (w < below)
+              & (w > below - 14 * sc)] = LIGAMENT  # fmt: skip
+        sp_a = a - f32(roof + 1.0)
+        s = np.clip(sp_a / f32(full), 0, None)
+        centre_w = f32(-h / 2 + 5 * sc) - f32(0.28) * (sp_a - f32(lam_t))
+        half_h = f32(10.5 * sc) - f32(3.0 * sc) * np.minimum(s, 1)
+        half_u = f32(3.6 * sc) + f32(1.2 * sc) * np.minimum(s, 1)
+        pw = (w - centre_w) / half_h
+        paddle = (s**4 + pw**4 <= 1) & (sp_a >= 0) & (au <= half_u)
+        s_in = np.clip((sp_a - rim * 0.3) / (f32(full) - rim), 0, None)
+        pw_in = (w - centre_w) / (half_h - rim)
+        bone(paddle, (s_in**4 + pw_in**4 <= 1) & (au <= half_u - rim))
+
+    sp_w = (-h / 2 - 0.28 * full - 14 * sc - 12 * sc, -h / 2 + 5 * sc + 10.5 * sc + 3)
+    paint((-half_u_tip, half_u_tip), (roof, roof + full + 2), sp_w, spinous)
 
 
 def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
-    """The facet joint at disc ``d`` on one side: the lower vertebra's superior process in
-    front and lateral, the upper one's inferior process behind and medial, a thin joint space
-    between (oriented FACET_ANGLE from sagittal), and the ligamentum flavum lining the canal."""
+    """The facet joint at disc ``d`` on one side, and the ligamentum flavum lining the canal.
+
+    On an axial image the lower vertebra's superior articular process lies in front and
+    lateral, concave toward the upper one's inferior articular process behind and medial; the
+    thin joint space (fluid) between them curves with it, its chord turned FACET_ANGLE from the
+    sagittal plane (diverging backward). Both processes are solid bone (cortex around marrow)."""
     disc = spine.discs[d]
     sc = spine.scale
+    f32 = np.float32
     canal_hw, canal_ap, _, _ = spine.level_posterior(d)
     dd = disc.depth / 2
     fu, fa, fw = side * (canal_hw + 4.5 * sc), dd + 0.72 * canal_ap, -1.5 * sc
-    su, sa_, sw = 7.5 * sc, 7.0 * sc, 12.0 * sc
+    su, sa_, sw = 9.0 * sc, 9.0 * sc, 12.0 * sc
     picked = _select(
         canvas, disc, (fu - su - 6, fu + su + 6), (dd - 2, fa + sa_ + 2), (fw - sw - 6, fw + sw + 6)
     )
@@ -864,26 +1009,37 @@ def _paint_facet(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     # when the canal finding at this level is advanced (the sac's own narrowing shows it).
     level = d - 2
     s_canal = spine.severity_of("spinal_canal_stenosis", level) if level >= 0 else 0.0
-    lf_t = np.float32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
+    lf_t = f32((2.5 + 3.0 * float(findings.canal_narrowing(s_canal))) * sc)
     au = np.abs(u)
-    a_roof = (
-        np.float32(dd + canal_ap) - np.float32(0.35 * canal_ap) * (au / np.float32(canal_hw)) ** 2
-    )
-    on_side = (u * np.float32(side)) >= 0
+    a_roof = f32(dd + canal_ap) - f32(0.35 * canal_ap) * (au / f32(canal_hw)) ** 2
+    on_side = (u * f32(side)) >= 0
     lf = (a <= a_roof + 1) & (a >= a_roof - lf_t) & (au <= canal_hw) & on_side
-    lf &= np.abs(w) <= np.float32(disc.height / 2 + 6 * sc)
+    lf &= np.abs(w) <= f32(disc.height / 2 + 6 * sc)
     codes[lf] = LIGAMENT
-    rho = ((u - np.float32(fu)) / np.float32(su)) ** 2 + (
-        (a - np.float32(fa)) / np.float32(sa_)
-    ) ** 2
-    rho = rho + ((w - np.float32(fw)) / np.float32(sw)) ** 2
+    # Joint frame: t along the joint's chord (lateral and back), n across it (+: the SAP side).
     beta = float(spine.facet_angle[d - 1])
-    nu, na = np.float32(side * np.cos(beta)), np.float32(-np.sin(beta))
-    dist = (u - np.float32(fu)) * nu + (a - np.float32(fa)) * na
-    inside = rho <= 1.0
-    codes[inside] = CORTEX
-    codes[inside & (rho <= 0.6) & (np.abs(dist) > 1.9)] = MARROW
-    codes[inside & (np.abs(dist) <= 0.7) & (rho <= 0.9)] = JOINT
+    lu, la_ = (u - f32(fu)) * f32(side), a - f32(fa)  # lateral, posterior offsets
+    t = lu * f32(np.sin(beta)) + la_ * f32(np.cos(beta))
+    n = lu * f32(np.cos(beta)) - la_ * f32(np.sin(beta))
+    n = n + f32(0.022 / sc) * t * t  # the joint curves, concave toward the IAP
+    dw = (w - f32(fw)) / f32(sw)
+    half_t = f32(7.5 * sc)
+    sap_t, iap_t = f32(8.0 * sc), f32(7.5 * sc)
+    rim = f32(1.3 * sc)
+
+    def process(centre_n, half_n, shift_w):
+        q = (t / half_t) ** 2 + ((dw - f32(shift_w)) ** 2)
+        outer = ((n - centre_n) / half_n) ** 2 + q <= 1
+        inner = ((n - centre_n) / (half_n - rim)) ** 2 + q * f32(1.25) <= 1
+        return outer, inner
+
+    sap, sap_in = process(sap_t / 2 + f32(0.5), sap_t / 2, -0.15)
+    iap, iap_in = process(-iap_t / 2 - f32(0.5), iap_t / 2, 0.15)
+    bone = sap | iap
+    codes[bone] = CORTEX
+    codes[(sap & sap_in) | (iap & iap_in)] = MARROW
+    joint = (np.abs(n) <= f32(0.55)) & ((t / half_t) ** 2 + dw * dw <= 0.8)
+    codes[joint] = JOINT
     canvas.write(box, index, codes)
 
 
@@ -919,11 +1075,14 @@ def _paint_foramen(canvas: Canvas, spine: Spine, d: int, side: float) -> None:
     opening = (da / np.float32(7.5 * sc)) ** 2 + (dw / np.float32(11.0 * sc)) ** 2
     opening = np.where(dw < 0, (da / np.float32(6.0 * sc)) ** 2 + (dw / np.float32(17.0 * sc)) ** 2,
                        opening)  # fmt: skip
+    # Tapered along its short course (flat in the middle): an oval on an axial image.
+    taper = ((u - np.float32(ru)) / np.float32(half_u)) ** 4
+    opening = opening + taper
     codes[(opening <= 1.0) & slab] = LIGAMENT
     fat_a = root_r + np.float32(5.5 * sc * front_back)
     fat_up = root_r + np.float32(5.0 * sc * up_down)
     fat_down = root_r + np.float32(14.0 * sc * up_down)
-    fat = (da / fat_a) ** 2 + (dw / np.where(dw > 0, fat_up, fat_down)) ** 2
+    fat = (da / fat_a) ** 2 + (dw / np.where(dw > 0, fat_up, fat_down)) ** 2 + taper
     codes[(fat <= 1.0) & (opening <= 1.0) & slab] = FAT
     root_a = root_r * np.float32(1.0 - flatten)
     root = (da / root_a) ** 2 + (dw / (root_r * np.float32(1.0 + 0.5 * flatten))) ** 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-import sys
+import logging
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +25,8 @@ from lsdc.config import ConfigError, TrainConfig
 from lsdc.contract import N_LABELS, load_train_labels
 from lsdc.errors import UserError
 from lsdc.preprocessing.cache import read_cache_index
+
+log = logging.getLogger(__name__)
 
 _TASKS: dict[str, type[TrainingTask]] = {}
 
@@ -212,5 +214,5 @@ def build_registered_model(
         from lsdc.models.weights import load_weights
 
         loaded = load_weights(model, config.model.weights, config.model.weights_module, name)
-        print(loaded.summary(), file=sys.stderr)
+        log.info(loaded.summary())
     return model

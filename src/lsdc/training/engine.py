@@ -8,6 +8,7 @@ name, so every model family trains, resumes and is scored the same way.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,8 @@ from lsdc.tasks.predict_loop import (
 )
 from lsdc.training.folds import make_folds
 from lsdc.utils import check_output_dir, write_json_atomic, writer_lock
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_score", "lr", "seconds")
 
@@ -227,7 +230,7 @@ def train_fold(
             validation = (
                 f"val_loss {val_loss:.4f} val_score {score:.4f}" if validated else "not validated"
             )
-            tqdm.write(
+            log.info(
                 f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} {validation} "
                 f"({row['seconds']:.1f} s)"
             )
@@ -618,6 +621,6 @@ def train_run(
                 score = official_score(scored, oof)
                 write_json_atomic(score.as_dict(), RunDir(run_dir).oof_score)
                 if progress:
-                    tqdm.write(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
+                    log.info(f"OOF official score: {score.score:.4f} over {len(oof)} rows")
         barrier(ctx)
     return results
