@@ -42,9 +42,9 @@ def test_freed_buffers_are_reused_not_faulted_in_again() -> None:
         "import resource, sys\n"
         "from lsdc.utils import keep_freed_memory\n"
         "if sys.argv[1] == 'kept': assert keep_freed_memory()\n"
-        "b\"x\" * (40 << 20)\n"
+        'b"x" * (40 << 20)\n'
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(4): b\"x\" * (40 << 20)\n"
+        'for _ in range(4): b"x" * (40 << 20)\n'
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"
     )
     pages = (40 << 20) // 4096
@@ -52,4 +52,3 @@ def test_freed_buffers_are_reused_not_faulted_in_again() -> None:
     kept = int(_run(code, "kept"))
     assert default >= 4 * pages * 0.9
     assert kept < pages / 10
-
