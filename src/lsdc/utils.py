@@ -18,7 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from lsdc.errors import MachineError, UserError
+
+tqdm.monitor_interval = 0
+"""No tqdm monitor thread (it only tunes ``miniters`` for bars that stall): a process that
+has shown a progress bar still runs one thread, so :func:`worker_context` may fork."""
 
 DISK_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
@@ -292,6 +298,9 @@ def _lock_holder(fd: int) -> str:
 
 
 _PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_HEAP_BYTES = 64 << 20
+"""Freed buffers up to this size stay in the process's heap (:func:`keep_freed_memory`)."""
 
 
 def usable_cpus() -> int:
@@ -310,8 +319,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
     (0.6 s a worker here), which at 0.05 s a competition-size study is most of what a second
     worker gains over 50 studies; a forked one starts in milliseconds. Forking is safe on Linux
     while this process runs one thread and has not loaded torch (whose OpenMP and CUDA state a
-    child would inherit half-held); a progress bar's monitor thread, a loaded torch or another
-    platform gets ``spawn``.
+    child would inherit half-held; lsdc's progress bars start no thread, see ``tqdm`` above); a
+    caller's threads, a loaded torch or another platform gets ``spawn``.
     """
     if (
         sys.platform.startswith("linux")
@@ -320,6 +329,28 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed buffers of up to :data:`KEPT_HEAP_BYTES` (and keep up
+    to twice that free at the top of the heap) instead of unmapping them; returns False where
+    the C library has no ``mallopt`` (not glibc).
+
+    Decoding a series allocates and frees a buffer per file and one per stack (0.3-40 MB).
+    glibc's default maps the larger ones fresh and unmaps them when freed, so every series
+    faults in pages the kernel must first zero: 16,000 page faults per 4 competition studies,
+    15-20% of a preprocessing worker's CPU, and the work that scales worst across cores on a
+    virtual machine (docs/results.md, "Preprocessing with workers"). With this, a worker's
+    heap stays at its peak (one series, ~1.4x its decoded bytes) and is reused.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    kept = mallopt(_M_MMAP_THRESHOLD, KEPT_HEAP_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, 2 * KEPT_HEAP_BYTES) == 1 and kept
 
 
 def init_worker(parent_pid: int) -> None:
