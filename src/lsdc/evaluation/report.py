@@ -97,30 +97,30 @@ def evaluate_files(
         run is None or cache_dir is None or data_root is None or predictions is not None
     ):
         raise UserError(
-            "--tta re-makes the run's out-of-fold predictions as served: give --run RUN, "
-            "--data ROOT and --cache CACHE (the training cache), and no --pred"
+            "`tta` re-makes the run's out-of-fold predictions as served: give `run_dir=RUN`, "
+            "`data_root=ROOT` and `cache_dir=CACHE` (the training cache), and no `predictions`"
         )
     if tta not in (None, "none", "flip"):
-        raise UserError(f"--tta must be none or flip, got {tta!r}")
+        raise UserError(f"`tta` must be none or flip, got {tta!r}")
     if predictions is None:
         if run is None:
-            raise UserError("give --pred PRED.csv, or --run RUN to evaluate RUN/oof.csv")
+            raise UserError("give `predictions=PRED.csv`, or `run_dir=RUN` to evaluate RUN/oof.csv")
         predictions = RunDir(run).oof
     pred_path = Path(predictions)
     if (data_root is None) == (solution is None):
-        raise UserError("give exactly one of --data ROOT (train.csv) and --solution FILE")
+        raise UserError("give exactly one of `data_root=ROOT` (train.csv) and `solution=FILE`")
     if run is not None and solution is not None:
         raise UserError(
-            "--run fits the calibration, which must come from out-of-fold predictions scored "
-            "against train.csv (--data ROOT), never from the test solution"
+            "`run_dir` fits the calibration, which must come from out-of-fold predictions "
+            "scored against train.csv (`data_root=ROOT`), never from the test solution"
         )
     if run is not None:
         check_input_dir(run, "run")
     if cache_dir is not None and run is None:
-        raise UserError("--cache draws the run's studies in the report: give --run RUN too")
+        raise UserError("`cache_dir` draws the run's studies in the report: give `run_dir=RUN` too")
     out = Path(out_dir) if out_dir is not None else None
     out = out or (RunDir(run).evaluation if run is not None else pred_path.parent / "evaluation")
-    check_output_dir(out, "--out")
+    check_output_dir(out, "`out_dir`")
     if data_root is not None:
         labels_path = Path(data_root) / "train.csv"
         labels = labels_to_solution(load_train_labels(labels_path))

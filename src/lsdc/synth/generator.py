@@ -952,10 +952,10 @@ def synthesize(
     """
     config.validate()
     if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"`workers` must be at least 1, got {workers}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
+        raise UserError(f"{out}: exists and is not an empty folder; choose a new `out_dir`")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
 
