@@ -288,7 +288,7 @@ def test_cli_fails_when_nothing_is_readable(tmp_path, capsys):
 def test_bad_arguments_are_user_errors(root, tmp_path):
     with pytest.raises(UserError, match="split must be one of"):
         preprocess_split(root, tmp_path / "c", "valid")
-    with pytest.raises(UserError, match="--workers must be at least 1"):
+    with pytest.raises(UserError, match="`workers` must be at least 1"):
         preprocess_split(root, tmp_path / "c", "train", workers=0)
     with pytest.raises(UserError, match="three positive"):
         preprocess_split(root, tmp_path / "c", "train", spacing=(1, 0, 1))

@@ -13,12 +13,15 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from lsdc.checkpoint import load_checkpoint
 from lsdc.cli import main
 from lsdc.preprocessing import cache as cache_module
+from lsdc.synth import generator
 from lsdc.utils import DiskError, atomic_path, disk_error, is_machine_failure
 
 torch.set_num_threads(1)
@@ -33,9 +36,10 @@ def tree(folder: Path) -> dict[str, bytes]:
     }
 
 
-def cache_bytes(folder: Path) -> int:
-    """The bytes of a cache's own files: the grids that training tests add to a shared cache
-    fixture are left out, or the disk's size would depend on which tests ran before."""
+def own_bytes(folder: Path) -> int:
+    """The bytes of a folder's own files (a cache, a root, a run): the grids that training
+    tests add to a shared cache fixture are left out, or the disk's size would depend on which
+    tests ran before."""
     return sum(len(b) for b in tree(folder).values())
 
 
@@ -71,9 +75,12 @@ def small_disk(tmp_path: Path) -> Iterator[tuple[Path, Resize]]:
 
 
 def one_line(err: str) -> str:
+    """The verb's error: one line, stderr's last (above it only the verb's log, such as a
+    training's epochs), no traceback."""
     lines = err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    assert [line for line in lines if ": error: " in line] == lines[-1:], lines
+    assert "Traceback" not in err, err
+    return lines[-1]
 
 
 def fill(disk: Path, leave: int) -> Path:
@@ -88,7 +95,7 @@ def test_preprocess_on_a_disk_that_fills_mid_run_then_a_rerun_gives_a_clean_cach
     small_disk, synth_root, synth_cache, capsys
 ):
     disk, resize = small_disk
-    resize(cache_bytes(synth_cache) // 2)
+    resize(own_bytes(synth_cache) // 2)
     cache = disk / "cache"
     argv = ["preprocess", "--data", str(synth_root), "--cache", str(cache), "--split", "train"]
     assert main([*argv, "--quiet"]) == 2
@@ -99,7 +106,7 @@ def test_preprocess_on_a_disk_that_fills_mid_run_then_a_rerun_gives_a_clean_cach
     assert all(r["status"] != "error" for record in records for r in record["rows"]), (
         "a full disk is no verdict on a series"
     )
-    resize(4 * cache_bytes(synth_cache) + (1 << 20))
+    resize(4 * own_bytes(synth_cache) + (1 << 20))
     assert main([*argv, "--quiet"]) == 0
     assert tree(cache) == tree(synth_cache)
 
@@ -108,14 +115,14 @@ def test_predict_cache_on_a_full_disk_then_a_rerun_gives_the_clean_submission(
     small_disk, tiny_run, synth_root, synth_test_cache, tmp_path, capsys
 ):
     disk, resize = small_disk
-    resize(cache_bytes(synth_test_cache) // 2)
+    resize(own_bytes(synth_test_cache) // 2)
     cache = disk / "cache"
     argv = ["predict", "--data", str(synth_root), "--run", str(tiny_run), "--quiet"]
     argv += ["--cache", str(cache), "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "a" / "submission.csv")]) == 2
     err = one_line(capsys.readouterr().err)
     assert "no space left on the device" in err and str(cache) in err
-    resize(4 * cache_bytes(synth_test_cache) + (1 << 20))
+    resize(4 * own_bytes(synth_test_cache) + (1 << 20))
     assert main([*argv, "--out", str(tmp_path / "b" / "submission.csv")]) == 0
     clean = ["predict", "--data", str(synth_root), "--run", str(tiny_run), "--quiet"]
     clean += ["--cache", str(tmp_path / "clean"), "--device", "cpu"]
@@ -129,25 +136,32 @@ def test_predict_cache_on_a_full_disk_then_a_rerun_gives_the_clean_submission(
 
 
 @pytest.mark.parametrize("verb", ["train", "predict", "export"])
-def test_every_writing_verb_on_a_full_disk_is_one_line_naming_the_folder(
+def test_every_writing_verb_on_a_full_disk_is_one_line_and_a_rerun_writes_the_clean_output(
     small_disk, verb, tiny_run, synth_root, synth_cache, synth_test_cache, tmp_path, capsys
 ):
     disk, _ = small_disk
     out = disk / "out"
-    if verb == "train":
-        argv = ["train", "--config", "tiny", "--data", str(synth_root), "--cache", str(synth_cache)]
-        argv += ["--out", str(out), "--no-progress"]
-        written, leave = out, 16 << 10
-    elif verb == "predict":
-        argv = ["predict", "--data", str(synth_root), "--run", str(tiny_run), "--quiet"]
-        argv += ["--cache", str(synth_test_cache), "--out", str(out / "submission.csv")]
+
+    def command(folder: Path) -> list[str]:
+        if verb == "train":
+            argv = ["train", "--config", "tiny", "--data", str(synth_root)]
+            return [*argv, "--cache", str(synth_cache), "--out", str(folder), "--no-progress"]
+        if verb == "predict":
+            argv = ["predict", "--data", str(synth_root), "--run", str(tiny_run), "--quiet"]
+            return [
+                *argv,
+                "--cache",
+                str(synth_test_cache),
+                "--out",
+                str(folder / "submission.csv"),
+            ]
+        return ["export", "--run", str(tiny_run), "--out", str(folder), "--no-wheel"]
+
+    written, leave = {"train": (out, 16 << 10), "predict": (out, 0)}.get(verb, (disk, 16 << 10))
+    if verb == "predict":
         out.mkdir()
-        written, leave = out, 0
-    else:
-        argv = ["export", "--run", str(tiny_run), "--out", str(out), "--no-wheel"]
-        written, leave = disk, 16 << 10
     filler = fill(disk, leave)
-    assert main(argv) == 2
+    assert main(command(out)) == 2
     err = one_line(capsys.readouterr().err)
     assert f"{written}: no space left on the device" in err or (
         f"{written}/" in err and "no space left on the device" in err
@@ -156,6 +170,14 @@ def test_every_writing_verb_on_a_full_disk_is_one_line_naming_the_folder(
     leftovers = [p for p in disk.rglob("*") if p.is_file() and p != filler]
     assert not [p for p in leftovers if p.name.endswith((".tmp", ".partial"))]
     assert not [p for p in leftovers if p.suffix == ".pt"], "no checkpoint is half-written"
+
+    filler.unlink()
+    assert main([*command(out), *(["--resume"] if verb == "train" else [])]) == 0
+    if verb == "train":
+        same_run(out, tiny_run)
+    else:
+        assert main(command(tmp_path / "clean")) == 0
+        assert tree(out) == tree(tmp_path / "clean"), "byte for byte, checkpoints included"
 
 
 def test_a_short_write_on_a_full_disk_is_named_and_leaves_nothing(small_disk):
@@ -211,3 +233,172 @@ def test_a_machine_failure_is_not_recorded_and_a_rerun_redoes_the_series(
     assert main([*argv, "--quiet"]) == 0
     assert tree(cache) == tree(synth_cache)
     shutil.rmtree(cache)
+
+
+def pages(folder: Path) -> int:
+    """The bytes a folder's files take on a tmpfs (each file a whole number of 4 KB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def test_synth_on_a_disk_that_fills_leaves_no_root_and_a_rerun_writes_the_clean_one(
+    small_disk, monkeypatch, capsys
+):
+    disk, resize = small_disk
+    out = disk / "root"
+    argv = ["synth", "--out", str(out), "--train-studies", "0", "--test-studies", "1"]
+    argv += ["--image-size", "32", "--slices", "8", "--pacs", "by-series", "--workers", "1"]
+    assert main([*argv, "--quiet"]) == 0
+    clean, needed = tree(out), pages(out)
+    shutil.rmtree(out)
+    resize(needed // 2)  # fills while the images (and the PACS copy) are written
+    capsys.readouterr()
+    assert main([*argv, "--quiet"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{out}/" in err and "no space left on the device while writing there" in err, err
+    assert not out.exists(), "a root the disk cut short is removed, not left half-written"
+
+    resize(needed + (1 << 20))
+    tables, fillers = generator._write_tables, []
+
+    def full_at_the_tables(*args) -> None:
+        fillers.append(fill(disk, 0))
+        tables(*args)
+
+    monkeypatch.setattr(generator, "_write_tables", full_at_the_tables)
+    assert main([*argv, "--quiet"]) == 2  # the disk fills once every image is written
+    err = one_line(capsys.readouterr().err)
+    assert f"{out}: no space left on the device while writing there" in err, err
+    assert not out.exists(), "a root without its CSVs is removed too"
+    fillers[0].unlink()
+    monkeypatch.setattr(generator, "_write_tables", tables)
+    assert main([*argv, "--quiet"]) == 0
+    assert tree(out) == clean
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of ``tiny_run`` to evaluate (``evaluate --run`` writes calibration.json into it)."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("full", ["run", "out"])
+def test_evaluate_on_a_full_disk_publishes_no_calibration_and_no_report(
+    small_disk, full, tiny_run_copy, synth_root, synth_cache, capsys
+):
+    """The run's calibration.json (a full run folder) or the gallery's pages (a full --out):
+    one line naming that folder, and none of calibration.json, metrics.json, report.html."""
+    disk, resize = small_disk
+    run, out = tiny_run_copy, disk / "evaluation"
+    if full == "run":
+        resize(2 * own_bytes(run) + (1 << 20))
+        run = Path(shutil.copytree(run, disk / "run"))
+        out = tiny_run_copy.parent / "evaluation"
+    argv = ["evaluate", "--run", str(run), "--data", str(synth_root), "--out", str(out)]
+    if full == "out":
+        argv += ["--cache", str(synth_cache)]
+    before = tree(run)
+    filler = fill(disk, 0)
+    assert main(argv) == 2
+    err = one_line(capsys.readouterr().err)
+    written = run if full == "run" else out / "studies"
+    assert f"{written}: no space left on the device while writing there" in err, err
+    assert tree(run) == before, "no calibration.json is published without its report"
+    assert not [p for p in out.rglob("*") if p.is_file()], "nothing of the evaluation is published"
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    filler.unlink()
+    assert main(argv) == 0
+    assert (run / "calibration.json").is_file() and (out / "report.html").is_file()
+
+
+def test_evaluate_on_a_disk_that_fills_at_the_report_keeps_the_previous_pair(
+    small_disk, tiny_run, synth_root, tmp_path, capsys
+):
+    """metrics.json and report.html describe one evaluation: a disk that fills between them
+    leaves both of the previous one."""
+    disk, _ = small_disk
+    out = disk / "evaluation"
+    uniform = pd.read_csv(tiny_run / "oof.csv")
+    uniform[["normal_mild", "moderate", "severe"]] = 1 / 3
+    other = tmp_path / "uniform.csv"
+    uniform.to_csv(other, index=False)
+    argv = ["evaluate", "--data", str(synth_root), "--out", str(out)]
+    assert main([*argv, "--pred", str(tiny_run / "oof.csv")]) == 0
+    previous = tree(out)
+    metrics_pages = pages(out) - -(-len(previous["report.html"]) // 4096) * 4096
+    assert len(previous["report.html"]) > 2 * 4096, "the report must not fit in what is left"
+    filler = fill(disk, metrics_pages + 4096)
+    capsys.readouterr()
+    assert main([*argv, "--pred", str(other)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{out}: no space left on the device while writing there" in err, err
+    assert tree(out) == previous
+    filler.unlink()
+    assert main([*argv, "--pred", str(other)]) == 0
+    assert str(other) in (out / "metrics.json").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".html", ".png"])
+def test_show_on_a_full_disk_is_one_line_and_writes_nothing(
+    small_disk, suffix, tiny_run, synth_root, synth_cache, capsys
+):
+    disk, _ = small_disk
+    study = pd.read_csv(tiny_run / "folds.csv")["study_id"].iloc[0]
+    argv = ["show", "--data", str(synth_root), "--cache", str(synth_cache), "--run", str(tiny_run)]
+    argv += ["--study", str(study)]
+    page = disk / f"study{suffix}"
+    filler = fill(disk, 0)
+    assert main([*argv, "--out", str(page)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{disk}: no space left on the device while writing there" in err, err
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    filler.unlink()
+    assert main([*argv, "--out", str(page)]) == 0
+    assert page.stat().st_size > 4096
+
+
+def comparable(value: object) -> object:
+    """A checkpoint's content as ``==`` compares it exactly: tensors and arrays (the RNG states)
+    as dtype, shape and bytes; the seconds an epoch took (wall time) left out."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return str(value.dtype), value.shape, value.tobytes()
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, (list, tuple)):
+        return [comparable(v) for v in value]
+    return value
+
+
+def same_run(run: Path, clean: Path) -> None:
+    """``run`` holds what ``clean`` holds: every file byte for byte, except what records wall
+    time: last.pt (its history) compared tensor by tensor, metrics.csv without ``seconds``."""
+    files = tree(run)
+    assert sorted(files) == sorted(tree(clean))
+    for name, data in tree(clean).items():
+        if name.endswith("last.pt"):
+            loaded = [comparable(load_checkpoint(folder / name)) for folder in (run, clean)]
+            assert loaded[0] == loaded[1], name
+        elif name.endswith("metrics.csv"):
+            frames = [pd.read_csv(folder / name).drop(columns="seconds") for folder in (run, clean)]
+            pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
+        else:
+            assert files[name] == data, name
+
+
+def test_train_on_a_disk_that_fills_mid_run_then_resumed_gives_the_clean_run(
+    small_disk, tiny_run, synth_root, synth_cache, capsys
+):
+    disk, resize = small_disk
+    resize(pages(tiny_run) // 2)
+    out = disk / "run"
+    argv = ["train", "--config", "tiny", "--data", str(synth_root), "--cache", str(synth_cache)]
+    argv += ["--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{out}/" in err and "no space left on the device while writing there" in err, err
+    assert list(out.glob("fold*/last.pt")), "the disk must fill mid-run, after a checkpoint"
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    resize(4 * pages(tiny_run) + (1 << 20))
+    assert main([*argv, "--resume"]) == 0
+    same_run(out, tiny_run)

@@ -234,3 +234,18 @@ def test_predictions_of_unknown_studies_are_nothing_to_score(files, capsys) -> N
     assert main(["evaluate", "--pred", str(files["pred"]), "--data", str(files["root"])]) == 2
     err = capsys.readouterr().err
     assert "pred.csv" in err and "nothing to score" in err
+
+
+def test_an_api_error_names_the_parameters_and_the_cli_names_its_flags(tmp_path, capsys) -> None:
+    from lsdc import api
+    from lsdc.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        api.evaluate(data_root=tmp_path)
+    assert str(refused.value) == (
+        "give `predictions=PRED.csv`, or `run_dir=RUN` to evaluate RUN/oof.csv"
+    )
+    assert main(["evaluate", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "lsdc evaluate: error: give --pred PRED.csv, or --run RUN to evaluate RUN/oof.csv\n"
+    )

@@ -133,5 +133,5 @@ def test_without_a_source_checkout_the_wheel_step_says_what_to_do(monkeypatch, t
     import re
 
     monkeypatch.setattr(export_module, "_NAME_LINE", re.compile(r"^no such name$"))
-    with pytest.raises(export_module.UserError, match="pass --no-wheel"):
+    with pytest.raises(export_module.UserError, match="pass `wheel=False`"):
         export_module.build_wheel(tmp_path)

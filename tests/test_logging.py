@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lsdc import api
-from lsdc.cli import _library_output, main
+from lsdc.cli import _library_output, as_flags, main
 from lsdc.errors import LsdcWarning
 from lsdc.inference.dicom_input import _own_names
 
@@ -113,3 +113,13 @@ def test_an_argument_that_is_tolerated_is_a_warning_naming_the_parameter() -> No
         "StudyInstanceUID 1.2.3 is not in `study_ids`; its rows use the UID",
         "`study_ids` names StudyInstanceUID 9.9, which the folder does not hold",
     ]
+
+
+def test_the_cli_spells_the_api_parameters_as_its_flags() -> None:
+    assert as_flags("`out_dir`: `cache_dir` and `run_dirs`, not `predictions`") == (
+        "--out: --cache and --run, not --pred"
+    )
+    assert as_flags(
+        "give `run_dir=RUN`; `allow_fallback=True`; `wheel=False`; `tta_flip=True`"
+    ) == ("give --run RUN; --allow-fallback; --no-wheel; --tta flip")
+    assert as_flags("`image_size` and `device=cuda:1`") == "--image-size and --device cuda:1"

@@ -302,6 +302,6 @@ def test_predict_chooses_torch_threads_like_training(root, tmp_path, monkeypatch
     predict_split(root, [run], out, threads=2, progress=False)
     assert set_threads == [7, 2]
     out.unlink()
-    with pytest.raises(UserError, match="--threads must be 0"):
+    with pytest.raises(UserError, match="`threads` must be 0"):
         predict_split(root, [run], out, threads=-1, progress=False)
     assert not out.exists()

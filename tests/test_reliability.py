@@ -314,7 +314,7 @@ def test_changed_training_labels_are_refused(run_copy, synth_root) -> None:
 def hold_train_lock(run: Path):
     """The run's writer lock as a running ``lsdc train`` holds it (this process is the holder:
     ``flock`` locks of two opened files conflict within one process too)."""
-    return writer_lock(run, RunDir(run).lock_name, "--out", RUN_BUSY)
+    return writer_lock(run, RunDir(run).lock_name, "`out_dir`", RUN_BUSY)
 
 
 @pytest.mark.parametrize("extra", [[], ["--resume"]])
@@ -452,8 +452,8 @@ def break_predict(kind: str, tiny_run: Path, tmp_path: Path) -> tuple[Path, dict
 TOOL_FAILURES = {
     "truncated_fold": "fold1/best.pt: not a readable checkpoint",
     "mixed_folds": r"its folds come from different configs .* differ in optim\.lr",
-    "missing_device": "--device cuda: no CUDA device on this machine",
-    "zero_workers": "--workers must be at least 1, got 0",
+    "missing_device": "`device=cuda`: no CUDA device on this machine",
+    "zero_workers": "`workers` must be at least 1, got 0",
     "train_cache": r"this cache was built with .*'split': 'train'",
 }
 
@@ -464,7 +464,7 @@ def test_predict_refuses_a_tool_failure_before_writing(kind, tiny_run, synth_roo
     out = tmp_path / "out" / "submission.csv"
     with pytest.raises(UserError, match=TOOL_FAILURES[kind]) as refused:
         predict_split(synth_root, [run], out, progress=False, **kwargs)
-    assert str(refused.value).endswith("(--allow-fallback writes the class prior instead)")
+    assert str(refused.value).endswith("(`allow_fallback=True` writes the class prior instead)")
     assert not out.parent.exists()
 
 

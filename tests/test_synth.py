@@ -543,9 +543,9 @@ def test_competition_profile_draws_the_real_sets_sizes() -> None:
 def test_competition_profile_refuses_the_default_profiles_sizes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(UserError, match="--image-size: the competition profile draws its own"):
+    with pytest.raises(UserError, match="`image_size`: the competition profile draws its own"):
         SynthConfig(profile="competition", image_size=256).validate()
-    with pytest.raises(UserError, match="--profile must be one of"):
+    with pytest.raises(UserError, match="`profile` must be one of"):
         SynthConfig(profile="real").validate()
     argv = ["synth", "--out", str(tmp_path / "r"), "--profile", "competition", "--slices", "20"]
     assert main(argv) == 2
@@ -654,7 +654,7 @@ def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     [
         (["--image-size", "8"], "--image-size must be >= 16"),
         (["--slices", "2"], "--slices must be >= 3"),
-        (["--oblique-rate", "1.5"], "oblique_rate must be within"),
+        (["--oblique-rate", "1.5"], "--oblique-rate must be within"),
         (["--train-studies", "0", "--test-studies", "0"], "nothing to write"),
     ],
 )

@@ -71,7 +71,7 @@ def test_a_failing_study_raises_its_own_error_and_leaves_no_root(
 
 
 def test_refuses_fewer_than_one_worker(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--workers must be at least 1, got 0"):
+    with pytest.raises(UserError, match="`workers` must be at least 1, got 0"):
         synthesize(tmp_path / "root", TINY, progress=False, workers=0)
     assert not (tmp_path / "root").exists()
 

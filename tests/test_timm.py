@@ -207,6 +207,7 @@ def test_a_pretrained_timm_run_serves_with_tta_and_exports_without_the_files(
     from lsdc.cli import main
     from lsdc.inference.runs import predict_run
     from lsdc.preprocessing.cache import read_cache_index
+    from lsdc.tasks.served import ServedRun
 
     grader_file, _ = _weights_file(tmp_path, "test_efficientnet", ".safetensors")
     localizer_file, _ = _weights_file(tmp_path, "test_resnet", ".pth")
@@ -231,6 +232,11 @@ def test_a_pretrained_timm_run_serves_with_tta_and_exports_without_the_files(
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export"), "--no-wheel"]) == 0
     exported = predict_run(tmp_path / "export" / "run", synth_test_cache, ids, tta_flip=True)
     np.testing.assert_allclose(exported, probs, atol=1e-6)
+    served = ServedRun(tmp_path / "export" / "run", synth_test_cache, "cpu")
+    points = served.locate(ids[0])  # the U-Net built under no_grad, as lsdc show and the OOF do
+    assert points.shape == (25, 3) and np.isfinite(points).all()
+    explained = served.explain(ids[0])
+    assert explained.crops is not None and np.allclose(explained.points, points)
 
 
 @pytest.mark.parametrize("name", ["two_stage_timm_demo", "two_stage_timm"])

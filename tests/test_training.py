@@ -99,7 +99,7 @@ def test_every_shipped_config_loads_and_builds_its_model(synth_root, synth_cache
 
 
 def test_the_old_name_of_the_whole_series_baseline_names_the_new_one(tmp_path, capsys) -> None:
-    with pytest.raises(ConfigError, match="now called 'whole_baseline'.*--config whole_baseline"):
+    with pytest.raises(ConfigError, match="now called 'whole_baseline'.*`config=whole_baseline`"):
         load_config("demo")
     argv = ["train", "--config", "demo.yaml", "--data", str(tmp_path), "--cache", str(tmp_path)]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2

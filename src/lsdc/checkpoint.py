@@ -15,10 +15,16 @@ from lsdc.utils import atomic_path
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` through a temporary file and a rename."""
+    """``torch.save`` through a temporary file and a rename.
+
+    Saved through an open file, not a path: given a path, torch names the archive's records
+    after the file (here the temporary one, a random name), so the same state would give other
+    bytes each time; through a file they are ``archive/...``, and a checkpoint is the same bytes
+    whenever its state is.
+    """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as file:
+        torch.save(state, file)
     return path
 
 

@@ -202,7 +202,7 @@ def resolve_config_path(name: str | Path) -> Path:
     if old in RENAMED_CONFIGS:
         raise ConfigError(
             f"config {name!r} is now called {RENAMED_CONFIGS[old]!r} (the whole-series "
-            f"baseline); use --config {RENAMED_CONFIGS[old]}"
+            f"baseline); use `config={RENAMED_CONFIGS[old]}`"
         )
     for candidate in (SHIPPED_CONFIG_DIR / path, SHIPPED_CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():

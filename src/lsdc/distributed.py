@@ -53,15 +53,15 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+        raise UserError(f"`device={name}`: not a torch device (e.g. cpu, cuda, cuda:1)") from exc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"--device {name}: no CUDA device on this machine; use --device cpu")
+            raise UserError(f"`device={name}`: no CUDA device on this machine; use `device=cpu`")
         if device.index is not None and device.index >= count:
-            raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
+            raise UserError(f"`device={name}`: this machine has {count} CUDA device(s)")
     elif device.type != "cpu":
-        raise UserError(f"--device {name}: lsdc runs on cpu or cuda")
+        raise UserError(f"`device={name}`: lsdc runs on cpu or cuda")
     return device
 
 

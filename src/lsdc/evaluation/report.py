@@ -44,13 +44,12 @@ from lsdc.evaluation.calibration import (
     cross_fit,
     cross_fit_groups,
     fit_temperatures,
-    save_calibration,
     served_oof_predictions,
 )
 from lsdc.evaluation.diagnostics import align, diagnose, load_predictions
 from lsdc.evaluation.metric import SubmissionError
 from lsdc.rundir import RunDir
-from lsdc.utils import check_input_dir, check_output_dir, write_json_atomic, write_text_atomic
+from lsdc.utils import atomic_files, check_input_dir, check_output_dir, json_text
 
 if TYPE_CHECKING:
     from lsdc.evaluation.study_view import StudyViewer
@@ -98,30 +97,30 @@ def evaluate_files(
         run is None or cache_dir is None or data_root is None or predictions is not None
     ):
         raise UserError(
-            "--tta re-makes the run's out-of-fold predictions as served: give --run RUN, "
-            "--data ROOT and --cache CACHE (the training cache), and no --pred"
+            "`tta` re-makes the run's out-of-fold predictions as served: give `run_dir=RUN`, "
+            "`data_root=ROOT` and `cache_dir=CACHE` (the training cache), and no `predictions`"
         )
     if tta not in (None, "none", "flip"):
-        raise UserError(f"--tta must be none or flip, got {tta!r}")
+        raise UserError(f"`tta` must be none or flip, got {tta!r}")
     if predictions is None:
         if run is None:
-            raise UserError("give --pred PRED.csv, or --run RUN to evaluate RUN/oof.csv")
+            raise UserError("give `predictions=PRED.csv`, or `run_dir=RUN` to evaluate RUN/oof.csv")
         predictions = RunDir(run).oof
     pred_path = Path(predictions)
     if (data_root is None) == (solution is None):
-        raise UserError("give exactly one of --data ROOT (train.csv) and --solution FILE")
+        raise UserError("give exactly one of `data_root=ROOT` (train.csv) and `solution=FILE`")
     if run is not None and solution is not None:
         raise UserError(
-            "--run fits the calibration, which must come from out-of-fold predictions scored "
-            "against train.csv (--data ROOT), never from the test solution"
+            "`run_dir` fits the calibration, which must come from out-of-fold predictions "
+            "scored against train.csv (`data_root=ROOT`), never from the test solution"
         )
     if run is not None:
         check_input_dir(run, "run")
     if cache_dir is not None and run is None:
-        raise UserError("--cache draws the run's studies in the report: give --run RUN too")
+        raise UserError("`cache_dir` draws the run's studies in the report: give `run_dir=RUN` too")
     out = Path(out_dir) if out_dir is not None else None
     out = out or (RunDir(run).evaluation if run is not None else pred_path.parent / "evaluation")
-    check_output_dir(out, "--out")
+    check_output_dir(out, "`out_dir`")
     if data_root is not None:
         labels_path = Path(data_root) / "train.csv"
         labels = labels_to_solution(load_train_labels(labels_path))
@@ -179,6 +178,9 @@ def evaluate(
         viewer: draw the study gallery (full pages in ``out_dir/studies``) and, for a two-stage
             run with labelled points, stage 1's out-of-fold error (needs ``data_root``).
 
+    The run's calibration.json, metrics.json and report.html are published together, or (a
+    full disk) none of them; the gallery's pages are written first, each whole.
+
     Returns:
         The metrics written to metrics.json.
 
@@ -193,6 +195,7 @@ def evaluate(
     weights = solution["sample_weight"].to_numpy(np.float64)
     if not (weights > 0).any():
         raise UserError(f"{pred_path}: no row of it is labelled in {labels_name}; nothing to score")
+    calibration = None
     try:
         metrics: dict[str, Any] = {
             "predictions": str(pred_path),
@@ -201,7 +204,7 @@ def evaluate(
             **diagnose(solution, predictions),
         }
         if calibration_run is not None:
-            metrics["calibration"] = calibrate_run(
+            metrics["calibration"], calibration = calibrate_run(
                 solution,
                 predictions,
                 calibration_run,
@@ -217,8 +220,11 @@ def evaluate(
 
         metrics["gallery"], gallery_html = gallery(viewer, solution, predictions, out_dir)
         metrics["localization"] = viewer.localization()
-    write_json_atomic(metrics, out_dir / METRICS_FILE)
-    write_text_atomic(render_html(metrics, gallery_html), out_dir / REPORT_FILE)
+    with atomic_files() as stage:
+        if calibration is not None:
+            stage(RunDir(calibration_run).calibration).write_text(json_text(calibration.to_dict()))
+        stage(out_dir / METRICS_FILE).write_text(json_text(metrics))
+        stage(out_dir / REPORT_FILE).write_text(render_html(metrics, gallery_html))
     return metrics
 
 
@@ -229,9 +235,9 @@ def calibrate_run(
     fitted_on: str,
     before: dict[str, float],
     tta_flip: bool = False,
-) -> dict[str, Any]:
-    """Fit temperatures on out-of-fold predictions, store them in RUN/calibration.json, and
-    return the report's calibration section.
+) -> tuple[dict[str, Any], Calibration]:
+    """Fit temperatures on out-of-fold predictions; return the report's calibration section
+    and the calibration for RUN/calibration.json (stored by the caller, with the report).
 
     The temperatures stored are fitted on every row. The score "after" is out of sample: the
     rows of each training fold (or, for a one-fold run, of each random study group) calibrated
@@ -273,9 +279,8 @@ def calibrate_run(
         "score_after_in_sample": in_sample["official"]["score"],
         "cross_fit": how,
     }
-    path = save_calibration(Calibration(temperatures, info), run_dir)
-    return {
-        "path": str(path),
+    section = {
+        "path": str(RunDir(run_dir).calibration),
         "temperatures": temperatures,
         "tta_flip": tta_flip,
         "cross_fit": how,
@@ -285,6 +290,7 @@ def calibrate_run(
         "after_in_sample": in_sample["official"],
         "reliability_after": after["reliability"],
     }
+    return section, Calibration(temperatures, info)
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -346,7 +346,7 @@ def show_study(
     out = Path(out_path) if out_path is not None else Path(f"study_{int(study_id)}.html")
     suffix = out.suffix.lower()
     if suffix not in (".html", ".htm", ".png"):
-        raise UserError(f"{out}: --out must end in .html or .png")
+        raise UserError(f"{out}: `out_path` must end in .html or .png")
     view = StudyViewer(run_dir, cache_dir, data_root).view(int(study_id))
     if suffix == ".png":
         with atomic_path(out) as tmp:

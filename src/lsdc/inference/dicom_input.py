@@ -121,7 +121,7 @@ def load_study_names(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: --study-id file not found")
+        raise UserError(f"{path}: `study_ids` file not found")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -290,7 +290,7 @@ def predict_dicom(
     """
     dicom_dir = check_input_dir(dicom_dir, "dicom")
     out_path = Path(out_path)
-    check_output_file(out_path, "--out")
+    check_output_file(out_path, "`out_path`")
     runs = [check_run(r) for r in run_dirs]
     mapping = load_study_names(study_names) if study_names is not None else None
 

@@ -113,7 +113,7 @@ def check_exportable(run_dir: Path, allow_unfinished: bool = False) -> list[Fold
         fold, why = unfinished[0]
         raise UserError(
             f"{run.root}: fold {fold} is not finished ({why}); finish it (lsdc train --resume) "
-            "or pass --allow-unfinished to export the folds as they are"
+            "or pass `allow_unfinished=True` to export the folds as they are"
         )
     for fold, why in unfinished:
         log.warning("%s: exporting without finished fold %d (%s)", run.root, fold, why)
@@ -210,7 +210,7 @@ def source_root() -> Path:
             return folder
     raise UserError(
         f"cannot find the lsdc source to build its wheel (lsdc is imported from "
-        f"{package}, not from a source checkout); pass --no-wheel and ship "
+        f"{package}, not from a source checkout); pass `wheel=False` and ship "
         "the wheel you installed lsdc from"
     )
 
@@ -436,12 +436,12 @@ def export_runs(
             name, a non-empty ``out_dir``, no source to build the wheel from, a dependency that
             is not installed, or a ``pip download`` that failed (naming the package).
     """
-    out = check_output_dir(out_dir, "--out").absolute()
+    out = check_output_dir(out_dir, "`out_dir`").absolute()
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out}: --out exists and is not empty; pick a new folder")
+        raise UserError(f"{out}: `out_dir` exists and is not empty; pick a new folder")
     runs = [Path(r) for r in run_dirs]
     if not runs:
-        raise UserError("nothing to export: give at least one --run")
+        raise UserError("nothing to export: give at least one run folder in `run_dirs`")
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"two runs share a folder name ({names}); export them separately")

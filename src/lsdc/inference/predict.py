@@ -343,9 +343,9 @@ def predict_split(
     from lsdc.tasks.served import ServedRun
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise UserError(f"--threads must be 0 (automatic) or more, got {threads!r}")
+        raise UserError(f"`threads` must be 0 (automatic) or more, got {threads!r}")
     data_root, out_path = Path(data_root), Path(out_path)
-    check_output_file(out_path, "--out")
+    check_output_file(out_path, "`out_path`")
     runs = [check_run(r) for r in run_dirs]
     priors = np.stack([load_class_prior(r) for r in runs])
     calibrations = [load_calibration(r) if calibrate else None for r in runs]
@@ -435,8 +435,8 @@ def _refuse_or_fall_back(message: str, allow_fallback: bool) -> str:
     """Raise ``message`` as a UserError; with ``allow_fallback``, warn and return it instead (the
     reason the studies concerned get the class prior)."""
     if not allow_fallback:
-        raise UserError(f"{message} (--allow-fallback writes the class prior instead)")
-    log.warning(f"{message}; --allow-fallback: the class prior instead")
+        raise UserError(f"{message} (`allow_fallback=True` writes the class prior instead)")
+    log.warning(f"{message}; `allow_fallback=True`: the class prior instead")
     return f"fallback: {message}"
 
 
@@ -459,7 +459,7 @@ def _tool_problems(
     problems = []
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         problems.append(
-            _refuse_or_fall_back(f"--workers must be at least 1, got {workers!r}", allow_fallback)
+            _refuse_or_fall_back(f"`workers` must be at least 1, got {workers!r}", allow_fallback)
         )
     try:
         device = str(resolve_device(device))
@@ -467,7 +467,7 @@ def _tool_problems(
         problems.append(_refuse_or_fall_back(str(exc), allow_fallback))
     if cache_dir is not None:
         try:
-            check_output_dir(cache_dir, "--cache")
+            check_output_dir(cache_dir, "`cache_dir`")
             check_cache_settings(cache_dir, split)
         except UserError as exc:
             problems.append(_refuse_or_fall_back(str(exc), allow_fallback))

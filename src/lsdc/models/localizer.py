@@ -419,10 +419,12 @@ def _freeze_unreached(net: nn.Module, in_channels: int, stride: int) -> None:
     """Freeze the parameters no output depends on: timm's feature extraction keeps the block
     after the last stage of some encoders (EfficientNet below depth 5), and a parameter without
     a gradient would stop DistributedDataParallel. Found by one small forward and backward in
-    eval mode (which leaves the norms' running statistics, pretrained ones too, as they are)."""
+    eval mode (which leaves the norms' running statistics, pretrained ones too, as they are),
+    with gradients on even when the model is built under ``torch.no_grad`` (as serving does)."""
     net.eval()
     net.zero_grad(set_to_none=True)
-    net(torch.zeros(1, in_channels, 2 * stride, 2 * stride)).sum().backward()
+    with torch.enable_grad():
+        net(torch.zeros(1, in_channels, 2 * stride, 2 * stride)).sum().backward()
     for param in net.parameters():
         if param.grad is None:
             param.requires_grad_(False)

@@ -49,6 +49,7 @@ from lsdc.utils import (
     disk_errors,
     init_worker,
     is_machine_failure,
+    keep_freed_memory,
     read_json,
     worker_context,
     write_json_atomic,
@@ -266,11 +267,11 @@ def preprocess_split(
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"`workers` must be at least 1, got {workers}")
     if spacing is not None:
         spacing = [float(x) for x in spacing]
         if len(spacing) != 3 or not all(np.isfinite(x) and x > 0 for x in spacing):
-            raise UserError(f"--spacing needs three positive millimetre values, got {spacing}")
+            raise UserError(f"`spacing` needs three positive millimetre values, got {spacing}")
     series = load_series_descriptions(data_root / f"{split}_series_descriptions.csv")
     images = data_root / f"{split}_images"
     if not images.is_dir():
@@ -289,8 +290,8 @@ def preprocess_split(
             for r in wanted.itertuples(index=False)
             if not cache.record(r.study_id, r.series_id).is_file()
         ]
-        _cache_all(todo, workers, progress, f"preprocess {split}")
-        all_rows = _collect_rows(cache_dir, series)
+        written = _cache_all(todo, workers, progress, f"preprocess {split}")
+        all_rows = _collect_rows(cache_dir, series, written)
         report = pd.DataFrame(all_rows, columns=INDEX_COLUMNS)
         write_csv_atomic(report[REPORT_COLUMNS], cache.report)
         write_csv_atomic(report[report["status"] != "error"], cache.index)
@@ -337,7 +338,7 @@ def cache_series(
         except MemoryError:
             raise MachineError(
                 f"{folder}: out of memory while reading this series (nothing recorded; rerun "
-                "with fewer --workers or on a machine with more memory)"
+                "with fewer `workers` or on a machine with more memory)"
             ) from None
         except Exception as exc:  # one series' surprise must not stop a 6,000-series run
             if is_machine_failure(exc):
@@ -426,11 +427,11 @@ def check_cache_settings(
         try:
             existing = read_json(path)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: unreadable ({exc}); use a new --cache folder") from exc
+            raise UserError(f"{path}: unreadable ({exc}); use a new `cache_dir` folder") from exc
         if existing != settings:
             raise UserError(
                 f"{path}: this cache was built with {existing}; this run asks for {settings}. "
-                "Use a new --cache folder."
+                "Use a new `cache_dir` folder."
             )
 
 
@@ -468,40 +469,54 @@ def cache_lock(cache_dir: Path) -> contextlib.AbstractContextManager[None]:
     """
     busy = (
         "another lsdc preprocess (pid {pid}) is writing this cache; "
-        "wait for it to end, or use another --cache"
+        "wait for it to end, or use another `cache_dir`"
     )
-    return writer_lock(cache_dir, CacheDir(cache_dir).lock_name, "--cache", busy, CacheBusyError)
+    return writer_lock(
+        cache_dir, CacheDir(cache_dir).lock_name, "`cache_dir`", busy, CacheBusyError
+    )
 
 
-def _cache_all(todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str) -> None:
-    """Run :func:`cache_series` over ``todo``, in this process or in a pool of ``workers``.
+def _cache_all(
+    todo: list[tuple[Any, ...]], workers: int, progress: bool, desc: str
+) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """Run :func:`cache_series` over ``todo``, in this process or in a pool of ``workers``,
+    each with a heap that reuses freed buffers (:func:`lsdc.utils.keep_freed_memory`; in this
+    process too, for the rest of its life). Returns each series' report rows, by
+    ``(study_id, series_id)``: what its record says, so the report need not read it back.
 
     Pool workers die with this process (:func:`lsdc.utils.init_worker`); on any exit from
     here (an error, Ctrl-C) the series not started are cancelled and the running ones waited
     for, so no worker writes into the cache once this returns or raises (and the lock is let go).
-    The pool starts by :func:`lsdc.utils.worker_context` (forked where that is safe), before
-    the progress bar starts its monitor thread.
+    The pool starts by :func:`lsdc.utils.worker_context` (forked where that is safe).
     """
+    rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
     if workers == 1 or len(todo) <= 1:
+        keep_freed_memory()
         with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
             for task in todo:
-                cache_series(*task)
+                rows[task[2], task[3]] = cache_series(*task)
                 bar.update()
-        return
+        return rows
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(todo)),
         mp_context=worker_context(),
-        initializer=init_worker,
+        initializer=_init_cache_worker,
         initargs=(os.getpid(),),
     )
     try:
-        futures = [pool.submit(cache_series, *task) for task in todo]
+        futures = {pool.submit(cache_series, *task): (task[2], task[3]) for task in todo}
         with tqdm(total=len(todo), disable=not progress, unit="series", desc=desc) as bar:
             for future in as_completed(futures):
-                future.result()
+                rows[futures[future]] = future.result()
                 bar.update()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return rows
+
+
+def _init_cache_worker(parent_pid: int) -> None:
+    init_worker(parent_pid)
+    keep_freed_memory()
 
 
 def _publish_entry(tmp: Path, final: Path, rows: list[dict[str, Any]]) -> None:
@@ -566,11 +581,18 @@ def _remove_broken_entries(cache_dir: Path, series: pd.DataFrame) -> None:
             shutil.rmtree(entry)
 
 
-def _collect_rows(cache_dir: Path, series: pd.DataFrame) -> list[dict[str, Any]]:
+def _collect_rows(
+    cache_dir: Path, series: pd.DataFrame, written: dict[tuple[int, int], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Every series' report rows in (study_id, series_id) order: those of the series this run
+    wrote as :func:`cache_series` returned them (``written``), the others from their records."""
     cache = CacheDir(cache_dir)
     rows: list[dict[str, Any]] = []
     for r in series.sort_values(["study_id", "series_id"]).itertuples(index=False):
+        key = (int(r.study_id), int(r.series_id))
         record = cache.record(r.study_id, r.series_id)
-        if record.is_file():
+        if key in written:
+            rows.extend(written[key])
+        elif record.is_file():
             rows.extend(read_json(record)["rows"])
     return rows

@@ -109,14 +109,14 @@ class SynthConfig:
     def validate(self) -> None:
         """Raise UserError on a value no study could be drawn with."""
         if self.phantom not in PHANTOMS:
-            raise UserError(f"--phantom must be one of {list(PHANTOMS)}, got {self.phantom!r}")
+            raise UserError(f"`phantom` must be one of {list(PHANTOMS)}, got {self.phantom!r}")
         if self.profile not in PROFILES:
-            raise UserError(f"--profile must be one of {list(PROFILES)}, got {self.profile!r}")
+            raise UserError(f"`profile` must be one of {list(PROFILES)}, got {self.profile!r}")
         if self.pacs not in PACS_LAYOUTS:
-            raise UserError(f"--pacs must be one of {list(PACS_LAYOUTS)}, got {self.pacs!r}")
+            raise UserError(f"`pacs` must be one of {list(PACS_LAYOUTS)}, got {self.pacs!r}")
         if self.profile != "default":
             fixed = [
-                f"--{f.name.replace('_', '-')}"
+                f"`{f.name}`"
                 for f in dataclasses.fields(self)
                 if f.name in ("image_size", "slices", "axial_slices")
                 and getattr(self, f.name) != f.default
@@ -124,19 +124,19 @@ class SynthConfig:
             if fixed:
                 raise UserError(
                     f"{', '.join(fixed)}: the {self.profile} profile draws its own sizes per "
-                    "study; leave these out or use --profile default"
+                    "study; leave these out or use `profile=default`"
                 )
         if self.train_studies < 0 or self.test_studies < 0:
             raise UserError("study counts must be >= 0")
         if self.train_studies + self.test_studies == 0:
-            raise UserError("nothing to write: --train-studies and --test-studies are both 0")
+            raise UserError("nothing to write: `train_studies` and `test_studies` are both 0")
         if self.image_size < 16:
-            raise UserError(f"--image-size must be >= 16 pixels, got {self.image_size}")
+            raise UserError(f"`image_size` must be >= 16 pixels, got {self.image_size}")
         if self.slices < 3:
-            raise UserError(f"--slices must be >= 3, got {self.slices}")
+            raise UserError(f"`slices` must be >= 3, got {self.slices}")
         if self.n_axial_slices < 6:
-            raise UserError(f"--axial-slices must be >= 6, got {self.n_axial_slices}")
+            raise UserError(f"`axial_slices` must be >= 6, got {self.n_axial_slices}")
         for name in REALISM_RATES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise UserError(f"{name} must be within [0, 1], got {value}")
+                raise UserError(f"`{name}` must be within [0, 1], got {value}")

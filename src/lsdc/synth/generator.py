@@ -952,10 +952,10 @@ def synthesize(
     """
     config.validate()
     if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"`workers` must be at least 1, got {workers}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
+        raise UserError(f"{out}: exists and is not an empty folder; choose a new `out_dir`")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -970,13 +970,18 @@ def synthesize(
     try:
         for split, record in _synthesize_studies(config, jobs, out, workers, bar):
             records[split].append(record)
-    except BaseException:  # leave no half-written root behind, even on Ctrl-C
+        _write_tables(out, records, config)
+    except BaseException:  # leave no half-written root behind, even on Ctrl-C or a full disk
         for path in [out] if created else list(out.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         raise
     finally:
         bar.close()
+    return out
 
+
+def _write_tables(out: Path, records: dict[str, list[StudyRecord]], config: SynthConfig) -> None:
+    """The root's CSVs (and the PACS export's index), once every study is written."""
     for split in SPLITS:
         records[split].sort(key=lambda r: r.study_id)
         descriptions = pd.DataFrame(
@@ -1001,4 +1006,3 @@ def synthesize(
         from lsdc.synth import pacs
 
         pacs.finish_export(out, [r.study_id for r in test], config.seed)
-    return out

@@ -45,6 +45,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
 from lsdc.contract import write_csv_atomic
+from lsdc.utils import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     from lsdc.synth.anatomy import Spine
@@ -225,8 +226,8 @@ def _retag_series(
             target = pacs_root / str(ds.SOPInstanceUID)
         else:
             target = pacs_root / str(study_id) / f"S{number:03d}" / f"I{k:04d}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(target, enforce_file_format=True)
+        with atomic_path(target) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
 
 
 def finish_export(root: Path, study_ids: Sequence[int], seed: int) -> None:
@@ -247,8 +248,10 @@ def finish_export(root: Path, study_ids: Sequence[int], seed: int) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     index = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     index.FileSetID = "LSDC SYNTH"
-    index.save_as(pacs_root / "DICOMDIR", enforce_file_format=True)
-    (pacs_root / "README.TXT").write_text(
+    with atomic_path(pacs_root / "DICOMDIR") as tmp:
+        index.save_as(tmp, enforce_file_format=True)
+    write_text_atomic(
         "Synthetic PACS export written by lsdc synth --pacs; the images are DICOM files without "
-        "an extension.\n"
+        "an extension.\n",
+        pacs_root / "README.TXT",
     )

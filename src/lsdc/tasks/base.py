@@ -56,7 +56,7 @@ class TrainingTask(abc.ABC):
     def study_labels(self) -> pd.DataFrame:
         """Wide train.csv rows of the studies this task can train on: those in the cache."""
         if self.data_root is None:
-            raise UserError("training needs the competition root (--data) for train.csv")
+            raise UserError("training needs the competition root (`data_root`) for train.csv")
         labels = load_train_labels(self.data_root / "train.csv")
         cached = set(read_cache_index(self.cache_dir)["study_id"].astype(np.int64))
         labels = labels[labels["study_id"].isin(cached)].reset_index(drop=True)

@@ -182,7 +182,7 @@ def train_fold(
     if fold_dir.last.is_file():
         if not resume:
             raise UserError(
-                f"{fold_dir.last} exists: pass --resume to continue this run, or pick a new --out"
+                f"{fold_dir.last} exists: pass `resume=True` to continue this run, or pick a new `out_dir`"
             )
         _restore(fs, fold_dir.last, config, ctx)
         if fs.finished:
@@ -279,7 +279,7 @@ def _restore(fs: FoldState, path: Path, config: TrainConfig, ctx: DistContext) -
     if changed:
         raise UserError(
             f"{path}: trained with other values of {', '.join(changed)}; resume with the "
-            f"config it was trained with, or train into a new --out"
+            f"config it was trained with, or train into a new `out_dir`"
         )
     fs.model.load_state_dict(ckpt["model"])
     fs.optimizer.load_state_dict(ckpt["optimizer"])
@@ -501,20 +501,20 @@ def check_run_dir(
     Raises:
         UserError: the refusal, naming the file and the keys that differ.
     """
-    check_output_dir(run_dir, "--out")
+    check_output_dir(run_dir, "`out_dir`")
     run = RunDir(run_dir)
     if not resume:
         started = [run.fold(k).last for k in todo if run.fold(k).last.is_file()]
         if started:
             raise UserError(
-                f"{started[0]} exists: pass --resume to continue this run, or pick a new --out"
+                f"{started[0]} exists: pass `resume=True` to continue this run, or pick a new `out_dir`"
             )
     if run.config.is_file():
         changed = _changed_keys(read_config_dict(run.config), config)
         if changed:
             raise UserError(
                 f"{run.config}: this run was trained with other values of {', '.join(changed)}; "
-                f"train into a new --out (a run may change only {', '.join(sorted(RESUMABLE_KEYS))})"
+                f"train into a new `out_dir` (a run may change only {', '.join(sorted(RESUMABLE_KEYS))})"
             )
     folds = make_folds(labels, config.folds.n_folds, config.seed)
     if run.folds.is_file():
@@ -527,7 +527,7 @@ def check_run_dir(
         if not same:
             raise UserError(
                 f"{run.folds}: this run's folds differ from the ones the config and data give now "
-                "(different seed, n_folds or studies); use a new --out"
+                "(different seed, n_folds or studies); use a new `out_dir`"
             )
     if run.class_prior.is_file():
         stored = pd.read_csv(run.class_prior)
@@ -538,14 +538,14 @@ def check_run_dir(
         ):
             raise UserError(
                 f"{run.class_prior}: the labels of train.csv differ from the ones this run was "
-                "trained with; use a new --out"
+                "trained with; use a new `out_dir`"
             )
     return folds
 
 
 RUN_BUSY = (
     "another lsdc train (pid {pid}) is writing this run, or an lsdc export is reading it; "
-    "wait for it to end, or use another --out"
+    "wait for it to end, or use another `out_dir`"
 )
 
 
@@ -564,7 +564,7 @@ def run_lock(run_dir: Path, ctx: DistContext) -> Iterator[None]:
         if ctx.is_primary:
             try:
                 stack.enter_context(
-                    writer_lock(run_dir, RunDir(run_dir).lock_name, "--out", RUN_BUSY)
+                    writer_lock(run_dir, RunDir(run_dir).lock_name, "`out_dir`", RUN_BUSY)
                 )
             except UserError as exc:
                 refusal = exc

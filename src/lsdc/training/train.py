@@ -47,7 +47,7 @@ def train(
             raise UserError("overrides apply to a config name or file, not to a loaded config")
     else:
         config = load_config(config, list(overrides))
-    for flag, folder in (("--data", data_root), ("--cache", cache_dir)):
+    for flag, folder in (("`data_root`", data_root), ("`cache_dir`", cache_dir)):
         check_input_dir(folder, flag)
     set_torch_threads(config.data.threads, config.data.num_workers)
     ctx = init_distributed(None if device == "auto" else device)
