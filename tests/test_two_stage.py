@@ -284,7 +284,8 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
     from lsdc.evaluation.localization import localization_oof, summarize_localization
     from lsdc.tasks.served import ServedRun
 
-    # 64 px: at 32 px (6.5 mm pixels) the anatomical phantom's canal and foramina are a pixel or
+    # 100 epochs: at 60 the median sat near the bound (passing and failing across this session's
+    # merges of the posterior-element and trunk anatomy). 64 px: at 32 px (6.5 mm pixels) the anatomical phantom's canal and foramina are a pixel or
     # two, too little anatomy to learn a position from 24 studies (the localizer's grid is fixed).
     root, cache = _synth(
         tmp_path / "root", train_studies=24, test_studies=1, seed=0, image_size=64, slices=10
@@ -294,7 +295,7 @@ def test_trained_localizer_beats_a_constant_answer(tmp_path: Path) -> None:
         root,
         cache,
         tmp_path / "run",
-        [*TINY_TWO_STAGE, "optim.epochs=60", "optim.lr=0.01", "optim.warmup_epochs=1"]
+        [*TINY_TWO_STAGE, "optim.epochs=100", "optim.lr=0.01", "optim.warmup_epochs=1"]
         + ["folds.fold=0"],
         progress=False,
     )
