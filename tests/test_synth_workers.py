@@ -89,6 +89,11 @@ def test_cli_takes_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     )
 
 
+def _take_sigint_as_a_terminal_does() -> None:
+    """Give the child SIGINT's default disposition, whatever the test runner inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_pool_run_leaves_no_root_and_no_process(tmp_path: Path) -> None:
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, once studies are
     being written: the command exits 130, the root is gone and no worker outlives it."""
@@ -96,7 +101,15 @@ def test_ctrl_c_during_a_pool_run_leaves_no_root_and_no_process(tmp_path: Path) 
     command = [sys.executable, "-m", "lsdc.cli", "synth", "--out", str(out), "--train-studies",
                "200", "--test-studies", "0", "--image-size", "32", "--slices", "8", "--workers",
                "2", "--quiet"]  # fmt: skip
-    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands (`nohup pytest &`) with SIGINT
+    # ignored, and a child inherits that; a terminal's Ctrl-C reaches a command that has it.
+    process = subprocess.Popen(
+        command,
+        start_new_session=True,
+        preexec_fn=_take_sigint_as_a_terminal_does,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (out / "train_images").is_dir() and process.poll() is None:
